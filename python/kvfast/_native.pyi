@@ -1,0 +1,90 @@
+"""Type stubs for the native (Rust) module `kvfast._native`.
+
+The native module works on token ids only; tokenization, chat templates, hub download and
+text-level stop strings live in the thin Python layer (`kvfast.session`).
+"""
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class KvfastError(Exception):
+    """Base class of every error raised by the native module."""
+
+class ModelLoadError(KvfastError, ValueError):
+    """A checkpoint could not be loaded: bad config, missing or misshapen tensor, truncated file."""
+
+class Engine:
+    """A loaded Qwen3 model plus its KV cache (one sequence)."""
+
+    def __init__(self, path: str, device: str = "cpu", dtype: str | None = None) -> None:
+        """Load a checkpoint directory (config.json + *.safetensors, single or sharded).
+
+        Raises FileNotFoundError (missing path/file), ModelLoadError (a ValueError: bad config,
+        missing/misshapen tensor, truncated file), ValueError (unknown device or dtype),
+        RuntimeError (device not compiled into this build or not present).
+        """
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def num_parameters(self) -> int: ...
+    @property
+    def weight_bytes(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def cache_len(self) -> int:
+        """Number of tokens the cache has seen (the RoPE position of the next token)."""
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token id appended to the cache so far, in order."""
+    def prefill(
+        self, ids: list[int], logits: Literal["last", "all"] | None = "last"
+    ) -> npt.NDArray[np.float32] | None:
+        """Append `ids` to the cache; float32 logits `[vocab]` ("last") or `[len, vocab]` ("all")."""
+    def score(self, ids: list[int]) -> npt.NDArray[np.float32]:
+        """NLL of each id given the cache and the ids before it; appends `ids` to the cache.
+
+        The first id is scored with the logits kept from the last cached token (ValueError if
+        the cache is empty)."""
+    def last_logits(self) -> npt.NDArray[np.float32] | None:
+        """Logits after the last cached token, or None for an empty cache."""
+    def generate(
+        self,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_ids: list[int] | None = None,
+    ) -> TokenStream:
+        """Sample continuing from the last logits (needs a non-empty cache).
+
+        Each step of the returned iterator samples one token, appends it to the cache and
+        yields its id; it stops after an EOS id (which is yielded and cached) or
+        `max_new_tokens` ids."""
+    def reset(self) -> None: ...
+    def cache_info(self) -> dict[str, Any]:
+        """{"tokens": int, "layers": int, "kv_heads": int, "head_dim": int, "dtype": str,
+        "tokens_per_head": list[list[int]] ([layer][kv_head]), "bytes": int (K+V+bias in use),
+        "capacity_bytes": int (allocated), "bytes_per_token": float}"""
+
+class TokenStream(Iterator[int]):
+    def __iter__(self) -> TokenStream: ...
+    def __next__(self) -> int: ...
+
+def cuda_available() -> bool:
+    """Whether this build has the `cuda` feature and a CUDA device can be opened."""
+
+def build_features() -> list[str]:
+    """Cargo features compiled in ("cuda", "metal")."""

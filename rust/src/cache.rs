@@ -1,0 +1,298 @@
+//! The KV cache: ragged per (layer, KV head), with an additive per-key logit bias.
+//!
+//! Layout
+//! ------
+//! `KvCache.layers[l].heads[h]` is a [`HeadCache`] that owns three buffers:
+//! - `k`, `v`: `[capacity, head_dim]` in the model dtype, rows `0..len` valid. Keys are stored
+//!   *after* QK-norm and RoPE, so a kept key never needs its position again.
+//! - `bias`: `[capacity]` f32, added to the attention logit of each key. Zero for ordinary
+//!   tokens; Attention-Matching compaction writes `beta = log w` here.
+//!
+//! Every head has its own `len` and `capacity`: after compaction with non-uniform budgets a head
+//! may keep 2% of its keys and its neighbour 60%, and the memory really shrinks (unlike padding
+//! every head to the longest, or masking dropped keys). Capacity grows geometrically, so
+//! appending a token is amortised O(1): rows are written in place with `slice_set` and only a
+//! capacity doubling copies the head.
+//!
+//! `next_position` is the RoPE position of the next appended token. It counts tokens *seen*,
+//! not keys kept: after compaction new tokens continue from the original context length.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Smallest capacity allocated for a head, in tokens.
+const MIN_CAPACITY: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct HeadCache {
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    len: usize,
+    /// Whether any live key has a non-zero bias (lets attention skip the bias add).
+    has_bias: bool,
+}
+
+impl HeadCache {
+    fn empty(head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Self::with_capacity(0, head_dim, dtype, device)
+    }
+
+    fn with_capacity(cap: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            k: Tensor::zeros((cap, head_dim), dtype, device)?,
+            v: Tensor::zeros((cap, head_dim), dtype, device)?,
+            bias: Tensor::zeros(cap, DType::F32, device)?,
+            len: 0,
+            has_bias: false,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.k.dim(0).unwrap_or(0)
+    }
+
+    pub fn has_bias(&self) -> bool {
+        self.has_bias
+    }
+
+    /// Valid keys `[len, head_dim]` (a view, no copy).
+    pub fn keys(&self) -> Result<Tensor> {
+        Ok(self.k.narrow(0, 0, self.len)?)
+    }
+
+    pub fn values(&self) -> Result<Tensor> {
+        Ok(self.v.narrow(0, 0, self.len)?)
+    }
+
+    /// Per-key logit bias `[len]` f32.
+    pub fn bias(&self) -> Result<Tensor> {
+        Ok(self.bias.narrow(0, 0, self.len)?)
+    }
+
+    /// Appends `k`, `v` (`[t, head_dim]`) with bias 0.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let t = k.dim(0)?;
+        if self.len + t > self.capacity() {
+            self.grow(self.len + t)?;
+        }
+        self.k.slice_set(&k.contiguous()?, 0, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 0, self.len)?;
+        // Rows past `len` are kept at bias 0 (see `grow` and `replace`), so nothing to write.
+        self.len += t;
+        Ok(())
+    }
+
+    fn grow(&mut self, needed: usize) -> Result<()> {
+        let cap = needed.max(2 * self.capacity()).max(MIN_CAPACITY);
+        let (dtype, device, d) = (self.k.dtype(), self.k.device().clone(), self.k.dim(1)?);
+        let mut new = Self::with_capacity(cap, d, dtype, &device)?;
+        if self.len > 0 {
+            new.k.slice_set(&self.keys()?, 0, 0)?;
+            new.v.slice_set(&self.values()?, 0, 0)?;
+            new.bias.slice_set(&self.bias()?, 0, 0)?;
+        }
+        new.len = self.len;
+        new.has_bias = self.has_bias;
+        *self = new;
+        Ok(())
+    }
+
+    fn bytes(&self, len: usize) -> usize {
+        let d = self.k.dim(1).unwrap_or(0);
+        len * (2 * d * self.k.dtype().size_in_bytes() + DType::F32.size_in_bytes())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    pub heads: Vec<HeadCache>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    next_position: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    pub fn new(
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let layers = (0..n_layers)
+            .map(|_| {
+                let heads = (0..n_kv_heads)
+                    .map(|_| HeadCache::empty(head_dim, dtype, device))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(LayerCache { heads })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, next_position: 0, head_dim, dtype, device: device.clone() })
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.heads.len())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn head(&self, layer: usize, head: usize) -> &HeadCache {
+        &self.layers[layer].heads[head]
+    }
+
+    /// RoPE position of the next token (= tokens seen so far).
+    pub fn next_position(&self) -> usize {
+        self.next_position
+    }
+
+    /// Records that `t` tokens were appended to every layer (call once per forward pass).
+    pub fn advance(&mut self, t: usize) {
+        self.next_position += t;
+    }
+
+    /// Appends the new keys/values of one layer: `k`, `v` are `[n_kv_heads, t, head_dim]`.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        for (h, head) in self.layers[layer].heads.iter_mut().enumerate() {
+            head.append(&k.get(h)?, &v.get(h)?)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces one head's contents (what compaction does): `k`, `v` `[n, head_dim]`, `bias`
+    /// `[n]` f32 or `None` for zeros. Allocates exactly `n` rows plus room to grow.
+    pub fn replace_head(
+        &mut self,
+        layer: usize,
+        head: usize,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<()> {
+        let n = k.dim(0)?;
+        if k.dims() != [n, self.head_dim] || v.dims() != [n, self.head_dim] {
+            return Err(Error::invalid(format!(
+                "replace_head: keys {:?} / values {:?} must both be [n, {}]",
+                k.dims(),
+                v.dims(),
+                self.head_dim
+            )));
+        }
+        let mut new = HeadCache::with_capacity(n, self.head_dim, self.dtype, &self.device)?;
+        if n > 0 {
+            new.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
+            new.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
+        }
+        if let Some(b) = bias {
+            if b.dims() != [n] {
+                return Err(Error::invalid(format!("replace_head: bias {:?} must be [{n}]", b.dims())));
+            }
+            if n > 0 {
+                new.bias.slice_set(&b.to_dtype(DType::F32)?.contiguous()?, 0, 0)?;
+                new.has_bias = b.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? != 0.0;
+            }
+        }
+        new.len = n;
+        self.layers[layer].heads[head] = new;
+        Ok(())
+    }
+
+    pub fn reset(&mut self) -> Result<()> {
+        *self = Self::new(self.n_layers(), self.n_kv_heads(), self.head_dim, self.dtype, &self.device)?;
+        Ok(())
+    }
+
+    /// Tokens kept per head, `[layer][kv_head]`.
+    pub fn tokens_per_head(&self) -> Vec<Vec<usize>> {
+        self.layers.iter().map(|l| l.heads.iter().map(HeadCache::len).collect()).collect()
+    }
+
+    /// Bytes of K, V and bias in use (the sum over heads of their own lengths).
+    pub fn bytes_used(&self) -> usize {
+        self.layers.iter().flat_map(|l| &l.heads).map(|h| h.bytes(h.len)).sum()
+    }
+
+    /// Bytes allocated (capacity), including room reserved for growth.
+    pub fn bytes_allocated(&self) -> usize {
+        self.layers.iter().flat_map(|l| &l.heads).map(|h| h.bytes(h.capacity())).sum()
+    }
+
+    /// Whether every head of `layer` has the same length.
+    pub fn uniform(&self, layer: usize) -> bool {
+        let heads = &self.layers[layer].heads;
+        heads.iter().all(|h| h.len == heads[0].len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_geometrically_and_keeps_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2, 4, DType::F32, &dev)?;
+        let mut caps = Vec::new();
+        for step in 0..200u32 {
+            let k = Tensor::full(step as f32, (2, 1, 4), &dev)?;
+            c.append(0, &k, &(&k * 2.0)?)?;
+            c.advance(1);
+            caps.push(c.head(0, 0).capacity());
+        }
+        caps.dedup();
+        assert_eq!(caps, vec![64, 128, 256]);
+        let keys = c.head(0, 1).keys()?.to_vec2::<f32>()?;
+        assert_eq!(keys.len(), 200);
+        assert!(keys.iter().enumerate().all(|(i, r)| r.iter().all(|&x| x == i as f32)));
+        assert_eq!(c.next_position(), 200);
+        assert_eq!(c.bytes_used(), 2 * 200 * (2 * 4 * 4 + 4));
+        Ok(())
+    }
+
+    #[test]
+    fn replace_head_gives_ragged_lengths_and_real_bytes() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2, 4, DType::F32, &dev)?;
+        let k = Tensor::ones((2, 10, 4), DType::F32, &dev)?;
+        c.append(0, &k, &k)?;
+        c.advance(10);
+        let before = c.bytes_used();
+        let kk = Tensor::ones((3, 4), DType::F32, &dev)?;
+        let b = Tensor::new(&[0.5f32, 0.0, -1.0], &dev)?;
+        c.replace_head(0, 1, &kk, &kk, Some(&b))?;
+        assert_eq!(c.tokens_per_head(), vec![vec![10, 3]]);
+        assert!(c.head(0, 1).has_bias() && !c.head(0, 0).has_bias());
+        assert_eq!(c.bytes_used(), before - 7 * (2 * 4 * 4 + 4));
+        // Appending after compaction: bias 0 for the new key, position continues.
+        c.append(0, &Tensor::zeros((2, 1, 4), DType::F32, &dev)?, &Tensor::zeros((2, 1, 4), DType::F32, &dev)?)?;
+        c.advance(1);
+        assert_eq!(c.head(0, 1).bias()?.to_vec1::<f32>()?, vec![0.5, 0.0, -1.0, 0.0]);
+        assert_eq!(c.next_position(), 11);
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! Parsing of the user's device and dtype strings.
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// Opens the device named by `spec`: "cpu", "cuda", "cuda:N" or "metal" ("metal:N").
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| Error::invalid(format!("bad device ordinal in {spec:?}")))?;
+            (k.to_string(), n)
+        }
+        None => (spec.clone(), 0),
+    };
+    match kind.as_str() {
+        "cpu" if !spec.contains(':') => Ok(Device::Cpu),
+        "cuda" => open_cuda(ordinal),
+        "metal" => open_metal(ordinal),
+        _ => Err(Error::invalid(format!(
+            "unknown device {spec:?}: expected \"cpu\", \"cuda\", \"cuda:N\" or \"metal\""
+        ))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::DeviceUnavailable(format!("cannot open cuda:{ordinal}: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<Device> {
+    Err(Error::DeviceUnavailable(
+        "device \"cuda\" is not available: this build of kvfast has no CUDA support \
+         (build it with the `cuda` feature)"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "metal")]
+fn open_metal(ordinal: usize) -> Result<Device> {
+    Device::new_metal(ordinal)
+        .map_err(|e| Error::DeviceUnavailable(format!("cannot open metal:{ordinal}: {e}")))
+}
+
+#[cfg(not(feature = "metal"))]
+fn open_metal(_ordinal: usize) -> Result<Device> {
+    Err(Error::DeviceUnavailable(
+        "device \"metal\" is not available: this build of kvfast has no Metal support \
+         (build it on macOS with the `metal` feature)"
+            .into(),
+    ))
+}
+
+/// Parses "f32" | "f16" | "bf16" (and the torch-style long names).
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "float" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::invalid(format!(
+            "unsupported dtype {other:?}: expected \"f32\", \"f16\" or \"bf16\""
+        ))),
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// The features compiled into this build.
+pub fn build_features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        f.push("metal");
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_dtypes() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        assert!(matches!(parse_device("tpu"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(parse_device("cuda:x"), Err(Error::InvalidArgument(_))));
+        #[cfg(not(feature = "cuda"))]
+        assert!(matches!(parse_device("cuda:0"), Err(Error::DeviceUnavailable(_))));
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
+        assert!(parse_dtype("f8").unwrap_err().to_string().contains("f8"));
+    }
+}

@@ -1,0 +1,16 @@
+//! kvfast: Qwen3 inference on candle with a ragged, biased KV cache built for compaction.
+//!
+//! Pipeline: `config` + `weights` (load) -> `model` (forward) -> `cache` + `attention` ->
+//! `sample` (decode); `engine` ties one model to one sequence; `python` is the PyO3 boundary.
+
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod sample;
+pub mod weights;
+
+mod python;

@@ -1,0 +1,234 @@
+//! Qwen3 decoder: embeddings -> N x [RMSNorm, attention with per-head QK-norm and RoPE over the
+//! kvfast cache, RMSNorm, SwiGLU MLP] -> RMSNorm -> LM head.
+//!
+//! Projections that read the same input are fused at load time (q|k|v and gate|up), so a decode
+//! step runs 4 matrix products per layer instead of 7.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::ops::rms_norm;
+use candle_nn::rotary_emb::rope;
+
+use crate::attention::attend;
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::rope::Rope;
+use crate::weights::Weights;
+
+/// `y = x W^T (+ b)` with `W` stored `[out, in]` as in the checkpoint.
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    /// Loads `names` (each `[out_i, in]`) and stacks them along the output dimension.
+    fn fused(w: &Weights, names: &[(&str, usize)], d_in: usize, bias: bool) -> Result<Self> {
+        let ws = names
+            .iter()
+            .map(|(n, out)| w.get(&format!("{n}.weight"), &[*out, d_in]))
+            .collect::<Result<Vec<_>>>()?;
+        let b = if bias {
+            let bs = names
+                .iter()
+                .map(|(n, out)| w.get(&format!("{n}.bias"), &[*out]))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { w: Tensor::cat(&ws, 0)?, b })
+    }
+
+    fn params(&self) -> usize {
+        self.w.elem_count() + self.b.as_ref().map_or(0, Tensor::elem_count)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    qkv: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    o_proj: Linear,
+    post_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Qwen3 {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    params: usize,
+}
+
+impl Qwen3 {
+    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (qw, kvw) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Layer {
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: Linear::fused(
+                    w,
+                    &[(&format!("{a}.q_proj"), qw), (&format!("{a}.k_proj"), kvw), (&format!("{a}.v_proj"), kvw)],
+                    h,
+                    cfg.attention_bias,
+                )?,
+                q_norm: w.get(&format!("{a}.q_norm.weight"), &[d])?,
+                k_norm: w.get(&format!("{a}.k_norm.weight"), &[d])?,
+                o_proj: Linear::fused(w, &[(&format!("{a}.o_proj"), h)], qw, cfg.attention_bias)?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: Linear::fused(
+                    w,
+                    &[(&format!("{m}.gate_proj"), cfg.intermediate_size), (&format!("{m}.up_proj"), cfg.intermediate_size)],
+                    h,
+                    false,
+                )?,
+                down: Linear::fused(w, &[(&format!("{m}.down_proj"), h)], cfg.intermediate_size, false)?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        // Tied checkpoints usually omit lm_head.weight; some ship it anyway.
+        let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
+        let lm_head = if tied { embed.clone() } else { w.get("lm_head.weight", &[cfg.vocab_size, h])? };
+        let params = embed.elem_count()
+            + if tied { 0 } else { lm_head.elem_count() }
+            + norm.elem_count()
+            + layers
+                .iter()
+                .map(|l| {
+                    l.input_norm.elem_count()
+                        + l.q_norm.elem_count()
+                        + l.k_norm.elem_count()
+                        + l.post_norm.elem_count()
+                        + l.qkv.params()
+                        + l.o_proj.params()
+                        + l.gate_up.params()
+                        + l.down.params()
+                })
+                .sum::<usize>();
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(d, cfg.rope_theta),
+            dtype,
+            device: device.clone(),
+            params,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.params
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.params * self.dtype.size_in_bytes()
+    }
+
+    pub fn new_cache(&self) -> Result<KvCache> {
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// Runs `ids` through the decoder, appending their keys/values to `cache`; returns the final
+    /// normalised hidden states `[t, hidden]`.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let t = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let (cos, sin) = self.rope.tables(cache.next_position(), t, self.dtype, &self.device)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
+        }
+        cache.advance(t);
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        l: usize,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (t, d) = (x.dim(0)?, c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps as f32;
+
+        let h = rms_norm(x, &layer.input_norm, eps)?;
+        let qkv = layer.qkv.forward(&h)?;
+        let q = qkv.narrow(1, 0, nh * d)?.contiguous()?.reshape((t, nh, d))?;
+        let k = qkv.narrow(1, nh * d, nkv * d)?.contiguous()?.reshape((t, nkv, d))?;
+        let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.contiguous()?.reshape((t, nkv, d))?;
+        // QK-norm per head, then RoPE, both before the cache: cached keys are final.
+        let q = to_heads(&rms_norm(&q, &layer.q_norm, eps)?)?;
+        let k = to_heads(&rms_norm(&k, &layer.k_norm, eps)?)?;
+        let q = rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let k = rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        cache.append(l, &k, &to_heads(&v)?)?;
+
+        let attn = attend(&q, &cache.layers[l], 1.0 / (d as f64).sqrt())?;
+        let attn = attn.transpose(0, 1)?.contiguous()?.reshape((t, nh * d))?;
+        let x = (x + layer.o_proj.forward(&attn)?)?;
+
+        let h = rms_norm(&x, &layer.post_norm, eps)?;
+        let gu = layer.gate_up.forward(&h)?;
+        let f = c.intermediate_size;
+        let m = (gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?;
+        Ok((x + layer.down.forward(&m)?)?)
+    }
+
+    /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// `[t, heads, d]` -> contiguous `[heads, t, d]`.
+fn to_heads(x: &Tensor) -> Result<Tensor> {
+    Ok(x.transpose(0, 1)?.contiguous()?)
+}

@@ -1,0 +1,323 @@
+//! PyO3 bindings only: argument conversion, GIL release, panic containment and the mapping of
+//! [`Error`] to Python exceptions.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::device::{build_features, device_name, dtype_name};
+use crate::engine::{Engine as Core, LogitsWant};
+use crate::error::Error;
+use crate::sample::{Sampler, SamplingParams};
+
+static KVFAST_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static MODEL_LOAD_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn raise(py: Python<'_>, cell: &PyOnceLock<Py<PyType>>, name: &str, msg: String) -> PyErr {
+    match cell.import(py, "kvfast._native", name) {
+        Ok(ty) => PyErr::from_type(ty.clone(), msg),
+        Err(e) => e,
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound { .. } => PyFileNotFoundError::new_err(msg),
+            Error::InvalidArgument(_) => PyValueError::new_err(msg),
+            Error::DeviceUnavailable(_) => PyRuntimeError::new_err(msg),
+            Error::Config { .. }
+            | Error::Weights { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. } => {
+                Python::attach(|py| raise(py, &MODEL_LOAD_ERROR, "ModelLoadError", msg))
+            }
+            Error::Candle(_) => Python::attach(|py| raise(py, &KVFAST_ERROR, "KvfastError", msg)),
+        }
+    }
+}
+
+/// Runs `f` without the GIL; a panic becomes a `KvfastError` instead of reaching Python.
+fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::error::Result<T> + Send) -> PyResult<T> {
+    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
+        Ok(r) => r.map_err(PyErr::from),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(raise(py, &KVFAST_ERROR, "KvfastError", format!("internal error (a kvfast bug): {what}")))
+        }
+    }
+}
+
+fn f32_array<'py>(py: Python<'py>, data: Vec<f32>, rows: Option<usize>) -> PyResult<Bound<'py, PyAny>> {
+    let len = data.len();
+    let arr = PyArray1::from_vec(py, data);
+    Ok(match rows {
+        Some(r) => arr.reshape([r, len / r.max(1)])?.into_any(),
+        None => arr.into_any(),
+    })
+}
+
+/// A loaded Qwen3 model plus its KV cache (one sequence).
+#[pyclass(module = "kvfast._native")]
+pub struct Engine {
+    core: Core,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (path, device = "cpu", dtype = None))]
+    fn new(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+        let (device, dtype) = (device.to_string(), dtype.map(str::to_string));
+        let core = run(py, move || Core::load(&path, &device, dtype.as_deref()))?;
+        Ok(Self { core })
+    }
+
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.core.config();
+        let d = PyDict::new(py);
+        d.set_item("model_type", &c.model_type)?;
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("num_hidden_layers", c.num_hidden_layers)?;
+        d.set_item("num_attention_heads", c.num_attention_heads)?;
+        d.set_item("num_key_value_heads", c.num_key_value_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("rms_norm_eps", c.rms_norm_eps)?;
+        d.set_item("rope_theta", c.rope_theta)?;
+        d.set_item("max_position_embeddings", c.max_position_embeddings)?;
+        d.set_item("tie_word_embeddings", c.tie_word_embeddings)?;
+        d.set_item("eos_token_ids", c.eos_token_ids.clone())?;
+        d.set_item("torch_dtype", c.torch_dtype.clone())?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn device(&self) -> String {
+        device_name(self.core.device())
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.core.model.dtype())
+    }
+
+    #[getter]
+    fn num_parameters(&self) -> usize {
+        self.core.model.num_parameters()
+    }
+
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.core.model.weight_bytes()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.core.config().vocab_size
+    }
+
+    #[getter]
+    fn cache_len(&self) -> usize {
+        self.core.cache.next_position()
+    }
+
+    #[getter]
+    fn token_ids(&self) -> Vec<u32> {
+        self.core.history().to_vec()
+    }
+
+    #[pyo3(signature = (ids, logits = Some("last")))]
+    fn prefill<'py>(
+        &mut self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        logits: Option<&str>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let want = match logits {
+            None => LogitsWant::None,
+            Some("last") => LogitsWant::Last,
+            Some("all") => LogitsWant::All,
+            Some(other) => {
+                return Err(PyValueError::new_err(format!(
+                    "logits must be \"last\", \"all\" or None, got {other:?}"
+                )))
+            }
+        };
+        let ids = to_ids(&ids)?;
+        let n = ids.len();
+        let core = &mut self.core;
+        let out = run(py, move || core.prefill(&ids, want))?;
+        out.map(|v| f32_array(py, v, (want == LogitsWant::All).then_some(n))).transpose()
+    }
+
+    fn score<'py>(&mut self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyAny>> {
+        let ids = to_ids(&ids)?;
+        let core = &mut self.core;
+        let nll = run(py, move || core.score(&ids))?;
+        f32_array(py, nll, None)
+    }
+
+    fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.core.last_logits().map(|l| f32_array(py, l.to_vec(), None)).transpose()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (max_new_tokens = 128, temperature = 0.0, top_k = 0, top_p = 1.0, min_p = 0.0,
+                        repetition_penalty = 1.0, seed = None, eos_ids = None))]
+    fn generate(
+        slf: Bound<'_, Self>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        eos_ids: Option<Vec<u32>>,
+    ) -> PyResult<TokenStream> {
+        let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty };
+        let sampler = Sampler::new(params, seed)?;
+        if slf.borrow().core.last_logits().is_none() {
+            return Err(PyValueError::new_err(
+                "nothing to continue from: the cache is empty; prefill a prompt first",
+            ));
+        }
+        let eos = eos_ids.unwrap_or_else(|| slf.borrow().core.config().eos_token_ids.clone());
+        Ok(TokenStream { engine: slf.unbind(), sampler, remaining: max_new_tokens, eos, done: false })
+    }
+
+    fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
+        let core = &mut self.core;
+        run(py, move || core.reset())
+    }
+
+    fn cache_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.core.cache;
+        let d = PyDict::new(py);
+        let bytes = c.bytes_used();
+        let tokens = c.next_position();
+        d.set_item("tokens", tokens)?;
+        d.set_item("layers", c.n_layers())?;
+        d.set_item("kv_heads", c.n_kv_heads())?;
+        d.set_item("head_dim", c.head_dim())?;
+        d.set_item("dtype", dtype_name(c.dtype()))?;
+        d.set_item("tokens_per_head", c.tokens_per_head())?;
+        d.set_item("bytes", bytes)?;
+        d.set_item("capacity_bytes", c.bytes_allocated())?;
+        d.set_item("bytes_per_token", if tokens > 0 { bytes as f64 / tokens as f64 } else { 0.0 })?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.core.config();
+        format!(
+            "Engine(model_type={:?}, layers={}, params={}, device={}, dtype={}, cache_len={})",
+            c.model_type,
+            c.num_hidden_layers,
+            self.core.model.num_parameters(),
+            self.device(),
+            self.dtype(),
+            self.cache_len()
+        )
+    }
+}
+
+fn to_ids(ids: &[i64]) -> PyResult<Vec<u32>> {
+    ids.iter()
+        .map(|&i| {
+            u32::try_from(i).map_err(|_| PyValueError::new_err(format!("token id {i} is out of range")))
+        })
+        .collect()
+}
+
+/// Iterator over generated token ids; each step samples, appends to the cache and yields.
+#[pyclass(module = "kvfast._native")]
+pub struct TokenStream {
+    engine: Py<Engine>,
+    sampler: Sampler,
+    remaining: usize,
+    eos: Vec<u32>,
+    done: bool,
+}
+
+#[pymethods]
+impl TokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<u32>> {
+        if self.done || self.remaining == 0 {
+            return Ok(None);
+        }
+        let engine = self.engine.clone_ref(py);
+        let mut engine = engine.bind(py).try_borrow_mut()?;
+        let (core, sampler) = (&mut engine.core, &mut self.sampler);
+        let id = run(py, move || core.step(sampler))?;
+        self.remaining -= 1;
+        self.done = self.eos.contains(&id);
+        Ok(Some(id))
+    }
+}
+
+#[pyfunction]
+fn cuda_available() -> bool {
+    cfg!(feature = "cuda") && crate::device::parse_device("cuda").is_ok()
+}
+
+#[pyfunction(name = "build_features")]
+fn py_build_features() -> Vec<&'static str> {
+    build_features()
+}
+
+fn make_exception<'py>(
+    py: Python<'py>,
+    name: &str,
+    bases: Bound<'py, PyTuple>,
+    doc: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let ns = PyDict::new(py);
+    ns.set_item("__module__", "kvfast._native")?;
+    ns.set_item("__doc__", doc)?;
+    py.get_type::<PyType>().call1((name, bases, ns))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // ModelLoadError is both a KvfastError and a ValueError, which `create_exception!` cannot
+    // express, so both classes are made with `type(...)`.
+    let base = make_exception(
+        py,
+        "KvfastError",
+        PyTuple::new(py, [py.get_type::<PyException>()])?,
+        "Base class of every error raised by the native module.",
+    )?;
+    let load = make_exception(
+        py,
+        "ModelLoadError",
+        PyTuple::new(py, [base.clone(), py.get_type::<PyValueError>().into_any()])?,
+        "A checkpoint could not be loaded: bad config, missing or misshapen tensor, truncated file.",
+    )?;
+    m.add("KvfastError", base)?;
+    m.add("ModelLoadError", load)?;
+    m.add_class::<Engine>()?;
+    m.add_class::<TokenStream>()?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(py_build_features, m)?)?;
+    Ok(())
+}
