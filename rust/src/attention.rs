@@ -14,6 +14,14 @@ use crate::error::Result;
 /// `q`: `[n_heads, t, d]` for the `t` newest tokens, whose keys are already the last `t` rows of
 /// every head of `layer`. Returns `[n_heads, t, d]`.
 pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
+    if let Some(out) = crate::attention_cpu::attend(q, layer, scale)? {
+        return Ok(out);
+    }
+    attend_gemm(q, layer, scale)
+}
+
+/// The GEMM formulation (prefill chunks, GPU): candle ops only, so every backend runs it.
+pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
     let (n_heads, t, d) = q.dims3()?;
     let n_kv = layer.heads.len();
     let g = n_heads / n_kv;
@@ -102,7 +110,7 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
             cache.append(0, &k, &v)?;
             let q = Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?;
-            let got = attend(&q, &cache.layers[0], 0.35)?;
+            let got = attend_gemm(&q, &cache.layers[0], 0.35)?;
             let want = attend_reference(&q, &cache.layers[0], 0.35)?;
             let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "t={t}: max abs error {err}");

@@ -4,11 +4,13 @@
 //! `sample` (decode); `engine` ties one model to one sequence; `python` is the PyO3 boundary.
 
 pub mod attention;
+pub mod attention_cpu;
 pub mod cache;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod gemv;
 pub mod model;
 pub mod sample;
 pub mod weights;

@@ -60,6 +60,23 @@ impl Weights {
         self.get_as(name, shape, self.dtype)
     }
 
+    /// Like [`Weights::get`] for a matrix read by the CPU kernels: a bf16/f16 tensor stays in
+    /// its stored dtype when the model computes in f32, since those kernels widen it exactly on
+    /// the fly. Same numbers, half the memory and half the bytes streamed per decoded token.
+    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let stored = self
+            .routing
+            .get(name)
+            .and_then(|&i| self.files[i].1.get(name).ok())
+            .and_then(|v| DType::try_from(v.dtype()).ok());
+        match stored {
+            Some(s @ (DType::BF16 | DType::F16)) if self.device.is_cpu() && self.dtype == DType::F32 => {
+                self.get_as(name, shape, s)
+            }
+            _ => self.get(name, shape),
+        }
+    }
+
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let index = *self.routing.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),

@@ -4,7 +4,7 @@
 //! Projections that read the same input are fused at load time (q|k|v and gate|up), so a decode
 //! step runs 4 matrix products per layer instead of 7.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::rope;
 
@@ -12,6 +12,7 @@ use crate::attention::attend;
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::gemv;
 use crate::model::rope::Rope;
 use crate::weights::Weights;
 
@@ -22,22 +23,20 @@ struct Linear {
     b: Option<Tensor>,
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
 impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = xwt(x, &self.w)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
     /// Loads `names` (each `[out_i, in]`) and stacks them along the output dimension.
     fn fused(w: &Weights, names: &[(&str, usize)], d_in: usize, bias: bool) -> Result<Self> {
         let ws = names
             .iter()
-            .map(|(n, out)| w.get(&format!("{n}.weight"), &[*out, d_in]))
+            .map(|(n, out)| w.get_matrix(&format!("{n}.weight"), &[*out, d_in]))
             .collect::<Result<Vec<_>>>()?;
         let b = if bias {
             let bs = names
@@ -51,8 +50,8 @@ impl Linear {
         Ok(Self { w: Tensor::cat(&ws, 0)?, b })
     }
 
-    fn params(&self) -> usize {
-        self.w.elem_count() + self.b.as_ref().map_or(0, Tensor::elem_count)
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(&self.w).chain(self.b.as_ref())
     }
 }
 
@@ -79,13 +78,14 @@ pub struct Qwen3 {
     dtype: DType,
     device: Device,
     params: usize,
+    weight_bytes: usize,
 }
 
 impl Qwen3 {
     pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (qw, kvw) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -115,23 +115,18 @@ impl Qwen3 {
         let norm = w.get("model.norm.weight", &[h])?;
         // Tied checkpoints usually omit lm_head.weight; some ship it anyway.
         let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
-        let lm_head = if tied { embed.clone() } else { w.get("lm_head.weight", &[cfg.vocab_size, h])? };
-        let params = embed.elem_count()
-            + if tied { 0 } else { lm_head.elem_count() }
-            + norm.elem_count()
-            + layers
-                .iter()
-                .map(|l| {
-                    l.input_norm.elem_count()
-                        + l.q_norm.elem_count()
-                        + l.k_norm.elem_count()
-                        + l.post_norm.elem_count()
-                        + l.qkv.params()
-                        + l.o_proj.params()
-                        + l.gate_up.params()
-                        + l.down.params()
-                })
-                .sum::<usize>();
+        let lm_head = if tied { embed.clone() } else { w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])? };
+        let mut all: Vec<&Tensor> = vec![&embed, &norm];
+        if !tied {
+            all.push(&lm_head);
+        }
+        for l in &layers {
+            all.extend([&l.input_norm, &l.q_norm, &l.k_norm, &l.post_norm]);
+            all.extend(l.qkv.tensors().chain(l.o_proj.tensors()));
+            all.extend(l.gate_up.tensors().chain(l.down.tensors()));
+        }
+        let params = all.iter().map(|t| t.elem_count()).sum();
+        let weight_bytes = all.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -142,6 +137,7 @@ impl Qwen3 {
             dtype,
             device: device.clone(),
             params,
+            weight_bytes,
         })
     }
 
@@ -157,8 +153,9 @@ impl Qwen3 {
         self.params
     }
 
+    /// Bytes the weights occupy (matrices may be stored narrower than the compute dtype).
     pub fn weight_bytes(&self) -> usize {
-        self.params * self.dtype.size_in_bytes()
+        self.weight_bytes
     }
 
     pub fn new_cache(&self) -> Result<KvCache> {
@@ -176,7 +173,7 @@ impl Qwen3 {
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let t = ids.len();
         let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope.tables(cache.next_position(), t, self.dtype, &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
@@ -224,8 +221,18 @@ impl Qwen3 {
 
     /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(xwt(hidden, &self.lm_head)?.to_dtype(DType::F32)?)
     }
+}
+
+/// `x W^T`: the streaming CPU kernel for a few rows (decode), candle's GEMM otherwise.
+fn xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dim(0)? <= gemv::MAX_ROWS {
+        if let Some(y) = gemv::matmul_xwt(&x.to_dtype(DType::F32)?, w)? {
+            return Ok(y.to_dtype(x.dtype())?);
+        }
+    }
+    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// `[t, heads, d]` -> contiguous `[heads, t, d]`.
