@@ -28,6 +28,11 @@ class Engine:
         missing/misshapen tensor, truncated file), ValueError (unknown device or dtype),
         RuntimeError (device not compiled into this build or not present).
         """
+    @staticmethod
+    def random(
+        config_path: str, device: str = "cpu", dtype: str | None = None, seed: int = 0
+    ) -> Engine:
+        """A random-weight model with the shape of a `config.json` (for speed benchmarks)."""
     @property
     def config(self) -> dict[str, Any]: ...
     @property

@@ -11,7 +11,7 @@ use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::model::qwen3::Qwen3;
 use crate::sample::Sampler;
-use crate::weights::Weights;
+use crate::weights::{RandomWeights, Weights};
 
 /// Long prompts are run in chunks of this many tokens so the `[t, n]` attention logits and the
 /// `[t, vocab]` scoring logits stay bounded; results are identical to one pass.
@@ -48,15 +48,34 @@ impl Engine {
         }
         let cfg = ModelConfig::from_file(&path.join("config.json"))?;
         let device = parse_device(device)?;
-        let probe = Weights::open(path, &device, DType::F32)?;
+        let mut weights = Weights::open(path, &device, DType::F32)?;
         let dtype = match requested {
             Some(d) => d,
             None if device.is_cpu() => DType::F32,
-            None => probe.stored_dtype().unwrap_or(DType::BF16),
+            None => weights.stored_dtype().unwrap_or(DType::BF16),
         };
-        let weights = Weights::open(path, &device, dtype)?;
-        drop(probe);
-        let model = Qwen3::load(&cfg, &weights, dtype, &device)?;
+        weights.set_dtype(dtype);
+        Self::from_model(Qwen3::load(&cfg, &weights, dtype, &device)?)
+    }
+
+    /// A random-weight model of the shape in `config_path` (speed benchmarks of real shapes).
+    pub fn random(config_path: &Path, device: &str, dtype: Option<&str>, seed: u64) -> Result<Self> {
+        let requested = dtype.map(parse_dtype).transpose()?;
+        let cfg = ModelConfig::from_file(config_path)?;
+        let device = parse_device(device)?;
+        device.set_seed(seed)?;
+        let stored = match cfg.torch_dtype.as_deref() {
+            Some("bfloat16") => DType::BF16,
+            Some("float16") => DType::F16,
+            _ => DType::F32,
+        };
+        let dtype = requested.unwrap_or(if device.is_cpu() { DType::F32 } else { stored });
+        let source = RandomWeights { device: device.clone(), dtype, stored };
+        let model = Qwen3::load(&cfg, &source, dtype, &device)?;
+        Self::from_model(model)
+    }
+
+    pub fn from_model(model: Qwen3) -> Result<Self> {
         let cache = model.new_cache()?;
         Ok(Self { model, cache, last_logits: None, history: Vec::new() })
     }

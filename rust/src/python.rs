@@ -83,6 +83,15 @@ impl Engine {
         Ok(Self { core })
     }
 
+    /// A random-weight model with the shape of a `config.json` (for speed benchmarks).
+    #[staticmethod]
+    #[pyo3(signature = (config_path, device = "cpu", dtype = None, seed = 0))]
+    fn random(py: Python<'_>, config_path: PathBuf, device: &str, dtype: Option<&str>, seed: u64) -> PyResult<Self> {
+        let (device, dtype) = (device.to_string(), dtype.map(str::to_string));
+        let core = run(py, move || Core::random(&config_path, &device, dtype.as_deref(), seed))?;
+        Ok(Self { core })
+    }
+
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = self.core.config();

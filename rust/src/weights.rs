@@ -9,6 +9,48 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// Where a model's tensors come from: a checkpoint, or random values for speed benchmarks.
+pub trait WeightSource {
+    /// The tensor `name` with `shape`, in the compute dtype on the model device.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// A matrix that CPU kernels may keep in a narrower exact storage dtype.
+    fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Random weights (normal, std 0.02; norm weights 1) of a given config, for benchmarks of
+/// shapes whose checkpoints are not at hand. Matrices are stored like a checkpoint of
+/// `stored` dtype would be.
+pub struct RandomWeights {
+    pub device: Device,
+    pub dtype: DType,
+    pub stored: DType,
+}
+
+impl WeightSource for RandomWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, &self.device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, &self.device)?
+        };
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        let narrow = matches!(self.stored, DType::BF16 | DType::F16);
+        if narrow && self.device.is_cpu() && self.dtype == DType::F32 {
+            return Ok(t.to_dtype(self.stored)?);
+        }
+        Ok(t)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        name != "lm_head.weight"
+    }
+}
+
 pub struct Weights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// tensor name -> index into `files`
@@ -38,8 +80,10 @@ impl Weights {
         Ok(Self { files, routing, device: device.clone(), dtype })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+
+    /// The dtype tensors are converted to on load.
+    pub fn set_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
     }
 
     /// The dtype most tensors are stored in (the checkpoint's dtype).
@@ -53,28 +97,6 @@ impl Weights {
             }
         }
         counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
-    }
-
-    /// Loads `name`, checks its shape, converts it to the model dtype on the model device.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.get_as(name, shape, self.dtype)
-    }
-
-    /// Like [`Weights::get`] for a matrix read by the CPU kernels: a bf16/f16 tensor stays in
-    /// its stored dtype when the model computes in f32, since those kernels widen it exactly on
-    /// the fly. Same numbers, half the memory and half the bytes streamed per decoded token.
-    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let stored = self
-            .routing
-            .get(name)
-            .and_then(|&i| self.files[i].1.get(name).ok())
-            .and_then(|v| DType::try_from(v.dtype()).ok());
-        match stored {
-            Some(s @ (DType::BF16 | DType::F16)) if self.device.is_cpu() && self.dtype == DType::F32 => {
-                self.get_as(name, shape, s)
-            }
-            _ => self.get(name, shape),
-        }
     }
 
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -112,6 +134,34 @@ impl Weights {
             msg: format!("tensor {name:?}: {e}"),
         })?;
         Ok(t.to_dtype(dtype)?.to_device(&self.device)?)
+    }
+}
+
+impl WeightSource for Weights {
+    /// Loads `name`, checks its shape, converts it to the model dtype on the model device.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Like [`Weights::get`] for a matrix read by the CPU kernels: a bf16/f16 tensor stays in
+    /// its stored dtype when the model computes in f32, since those kernels widen it exactly on
+    /// the fly. Same numbers, half the memory and half the bytes streamed per decoded token.
+    fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let stored = self
+            .routing
+            .get(name)
+            .and_then(|&i| self.files[i].1.get(name).ok())
+            .and_then(|v| DType::try_from(v.dtype()).ok());
+        match stored {
+            Some(s @ (DType::BF16 | DType::F16)) if self.device.is_cpu() && self.dtype == DType::F32 => {
+                self.get_as(name, shape, s)
+            }
+            _ => self.get(name, shape),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gemv;
 use crate::model::rope::Rope;
-use crate::weights::Weights;
+use crate::weights::WeightSource;
 
 /// `y = x W^T (+ b)` with `W` stored `[out, in]` as in the checkpoint.
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ impl Linear {
     }
 
     /// Loads `names` (each `[out_i, in]`) and stacks them along the output dimension.
-    fn fused(w: &Weights, names: &[(&str, usize)], d_in: usize, bias: bool) -> Result<Self> {
+    fn fused(w: &impl WeightSource, names: &[(&str, usize)], d_in: usize, bias: bool) -> Result<Self> {
         let ws = names
             .iter()
             .map(|(n, out)| w.get_matrix(&format!("{n}.weight"), &[*out, d_in]))
@@ -82,7 +82,7 @@ pub struct Qwen3 {
 }
 
 impl Qwen3 {
-    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, w: &impl WeightSource, dtype: DType, device: &Device) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (qw, kvw) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
