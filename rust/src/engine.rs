@@ -55,7 +55,8 @@ impl Engine {
             None => weights.stored_dtype().unwrap_or(DType::BF16),
         };
         weights.set_dtype(dtype);
-        Self::from_model(Qwen3::load(&cfg, &weights, dtype, &device)?)
+        let model = crate::threads::install(|| Qwen3::load(&cfg, &weights, dtype, &device))?;
+        Self::from_model(model)
     }
 
     /// A random-weight model of the shape in `config_path` (speed benchmarks of real shapes).
@@ -126,6 +127,10 @@ impl Engine {
 
     /// Appends `ids`. Returns f32 logits `[rows, vocab]` flattened, rows = 1 (Last) or len (All).
     pub fn prefill(&mut self, ids: &[u32], want: LogitsWant) -> Result<Option<Vec<f32>>> {
+        crate::threads::install(|| self.prefill_inner(ids, want))
+    }
+
+    fn prefill_inner(&mut self, ids: &[u32], want: LogitsWant) -> Result<Option<Vec<f32>>> {
         self.check_ids(ids)?;
         let mut all = Vec::new();
         for chunk in ids.chunks(PREFILL_CHUNK) {
@@ -146,6 +151,10 @@ impl Engine {
 
     /// Negative log-likelihood of each of `ids` given everything before it; appends `ids`.
     pub fn score(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::threads::install(|| self.score_inner(ids))
+    }
+
+    fn score_inner(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let first = self.last_logits.as_ref().ok_or_else(|| {
             Error::invalid("cannot score the first token: the cache is empty (prefill a prefix first)")
@@ -173,11 +182,15 @@ impl Engine {
 
     /// Samples the next token from the kept logits, appends it, and returns it.
     pub fn step(&mut self, sampler: &mut Sampler) -> Result<u32> {
+        crate::threads::install(|| self.step_inner(sampler))
+    }
+
+    fn step_inner(&mut self, sampler: &mut Sampler) -> Result<u32> {
         let logits = self.last_logits.as_ref().ok_or_else(|| {
             Error::invalid("nothing to continue from: the cache is empty; prefill a prompt first")
         })?;
         let id = sampler.sample(logits, &self.history);
-        self.prefill(&[id], LogitsWant::None)?;
+        self.prefill_inner(&[id], LogitsWant::None)?;
         Ok(id)
     }
 }

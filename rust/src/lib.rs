@@ -13,6 +13,7 @@ pub mod error;
 pub mod gemv;
 pub mod model;
 pub mod sample;
+pub mod threads;
 pub mod weights;
 
 mod python;
