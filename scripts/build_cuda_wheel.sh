@@ -62,7 +62,7 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LIB -L native=$STUB_DIR"
 
 nvcc --version | tail -n 2
 if [ "${1:-}" = "--check" ]; then
-  cargo build --features cuda --lib
+  cargo build --features cuda --lib --target-dir "${CUDA_TARGET_DIR:-target/cuda}"
   echo "cuda feature builds"
   exit 0
 fi
