@@ -38,11 +38,10 @@ ARGS = parse()
 os.environ["RAYON_NUM_THREADS"] = str(ARGS.threads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import kvfast  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
-import kvfast  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 transformers.logging.set_verbosity_error()
@@ -56,9 +55,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
 
     def run() -> float:
-        ts = [
-            threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds
-        ]
+        ts = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
         t0 = time.perf_counter()
         for t in ts:
             t.start()
@@ -144,7 +141,8 @@ def main() -> int:
         del hf
         achieved = k["bytes_per_token"] * k["decode"] / 1e9
         rows.append(
-            f"| {label} | {k['prefill']:.0f} | {h['prefill']:.0f} | {k['prefill'] / h['prefill']:.2f}x "
+            f"| {label} | {k['prefill']:.0f} | {h['prefill']:.0f} "
+            f"| {k['prefill'] / h['prefill']:.2f}x "
             f"| {k['decode']:.1f} | {h['decode']:.1f} | {k['decode'] / h['decode']:.2f}x "
             f"| {k['bytes_per_token'] / 1e6:.0f} MB | {achieved:.1f} GB/s = {achieved / bw:.0%} |"
         )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from kvfast import Session
 
 FIXTURES = Path(__file__).parent / "fixtures"

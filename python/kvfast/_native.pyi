@@ -54,7 +54,7 @@ class Engine:
     def prefill(
         self, ids: list[int], logits: Literal["last", "all"] | None = "last"
     ) -> npt.NDArray[np.float32] | None:
-        """Append `ids` to the cache; float32 logits `[vocab]` ("last") or `[len, vocab]` ("all")."""
+        """Append `ids` to the cache; f32 logits `[vocab]` ("last") or `[len, vocab]` ("all")."""
     def score(self, ids: list[int]) -> npt.NDArray[np.float32]:
         """NLL of each id given the cache and the ids before it; appends `ids` to the cache.
 

@@ -1,0 +1,3 @@
+from kvfast.cli import main
+
+raise SystemExit(main())
