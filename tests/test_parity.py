@@ -3,9 +3,12 @@
 The fixtures are produced by `scripts/make_fixtures.py` (the reference; it needs torch and
 transformers) and committed, so this suite needs neither. Tolerances:
 - f32: max abs logit error <= 1e-3 against transformers f32; greedy 64-token continuation equal.
-- bf16: max abs logit error <= 0.25 against transformers bf16 (bf16 keeps 8 mantissa bits, and
-  the two engines round at different points: fused QKV, f32 softmax input, RMSNorm weight
-  product), and the argmax agrees at most positions.
+- bf16: max abs logit error <= 2% of the largest |logit| against transformers bf16 (bf16 keeps
+  8 mantissa bits: at |logit| ~16 one ulp is 0.125, and the engines round at different points:
+  fused QKV, f32 attention logits, f32 accumulation in the decode kernels). Measured: 0.25 of
+  17.5 (qwen3-tiny), 0.16 of 13.2 (qwen3-small), 0.004 of 0.92 (qwen3-odd); transformers' own
+  bf16-vs-f32 gap is 0.14 / 0.11 / 0.006 on the same inputs. The argmax must agree at >= 80%
+  of positions.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def test_bf16_logits_close_to_transformers(name: str) -> None:
     got = s.prefill(ids_of(g), logits="all")[g["positions"]]
     ref = g["logits_bf16"]
     err = float(np.abs(got - ref).max())
-    assert err <= 0.25, f"{name}: bf16 max abs logit error {err:.3f} > 0.25"
+    tol = 0.02 * float(np.abs(ref).max())
+    assert err <= tol, f"{name}: bf16 max abs logit error {err:.3f} > {tol:.3f}"
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     assert agree >= 0.8, f"{name}: bf16 argmax agreement {agree:.2f}"
 
