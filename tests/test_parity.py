@@ -107,3 +107,29 @@ def test_odd_fixture_exercises_the_awkward_shapes() -> None:
     assert c["head_dim"] * c["num_attention_heads"] != c["hidden_size"]
     assert not c["tie_word_embeddings"]
     assert c["num_attention_heads"] // c["num_key_value_heads"] > 1
+
+
+def test_f16_checkpoint_and_f16_compute(tmp_path: Path) -> None:
+    # An f16-stored copy of the odd model: loads (f16 storage, f32 compute) with the same
+    # logits as transformers f32 up to f16 rounding of the weights; f16 compute runs too.
+    from safetensors.numpy import load_file, save_file
+
+    src = MODELS["qwen3-odd"]
+    dst = tmp_path / "odd-f16"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            w = {k: v.astype(np.float16) for k, v in load_file(f).items()}
+            save_file(w, dst / f.name)
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    g = golden("qwen3-odd")
+    ids = ids_of(g)
+    s32 = Session.from_pretrained(dst, dtype="f32")
+    assert s32.engine.weight_bytes < Session.from_pretrained(src).engine.weight_bytes
+    got = s32.prefill(ids, logits="all")[g["positions"]]
+    assert float(np.abs(got - g["logits_f32"]).max()) <= 5e-3
+    s16 = Session.from_pretrained(dst, dtype="f16")
+    assert s16.dtype == "f16"
+    got = s16.prefill(ids, logits="all")[g["positions"]]
+    assert float(np.abs(got - g["logits_f32"]).max()) <= 2e-2
