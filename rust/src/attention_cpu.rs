@@ -3,12 +3,11 @@
 //! (each allocating, and the GEMM packing K and V) with one fused loop; heads run in parallel.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cache::{HeadCache, LayerCache};
 use crate::error::Result;
-use crate::gemv::dot_generic;
+use crate::gemv::{dot_generic, Widen};
 
 /// Largest number of new tokens served by this kernel; longer chunks use the GEMM path.
 pub const MAX_NEW_TOKENS: usize = 8;
@@ -43,13 +42,13 @@ fn head_attend(q: &[f32], head: &HeadCache, t: usize, d: usize, scale: f32, out:
     let args = Args { t, d, n, scale, bias: b };
     match (&*ks, &*vs) {
         (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out, |x| x)
+            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
         }
         (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out, bf16::to_f32)
+            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
         }
         (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out, f16::to_f32)
+            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
         }
         _ => return Err(candle_core::Error::Msg("cpu attention: unsupported cache storage".into()).into()),
     }
@@ -64,25 +63,25 @@ struct Args<'a> {
     bias: Option<&'a [f32]>,
 }
 
-fn dispatch<W: Copy>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32], cvt: impl Fn(W) -> f32 + Copy) {
+fn dispatch<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected on this CPU.
-            return unsafe { kernel_avx2(a, q, k, v, out, cvt) };
+            return unsafe { kernel_avx2(a, q, k, v, out) };
         }
     }
-    kernel(a, q, k, v, out, cvt)
+    kernel(a, q, k, v, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2<W: Copy>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32], cvt: impl Fn(W) -> f32 + Copy) {
-    kernel(a, q, k, v, out, cvt)
+unsafe fn kernel_avx2<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
+    kernel(a, q, k, v, out)
 }
 
 #[inline(always)]
-fn kernel<W: Copy>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32], cvt: impl Fn(W) -> f32 + Copy) {
+fn kernel<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
     let (t, d, n) = (a.t, a.d, a.n);
     let mut s = vec![0f32; n];
     for (r, (qr, or)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
@@ -90,7 +89,7 @@ fn kernel<W: Copy>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32], cvt: 
         let visible = n - t + r % t + 1;
         let mut max = f32::NEG_INFINITY;
         for (j, sj) in s[..visible].iter_mut().enumerate() {
-            let mut x = dot_generic(qr, &k[j * d..(j + 1) * d], cvt) * a.scale;
+            let mut x = dot_generic(qr, &k[j * d..(j + 1) * d]) * a.scale;
             if let Some(b) = a.bias {
                 x += b[j];
             }
@@ -107,7 +106,7 @@ fn kernel<W: Copy>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32], cvt: 
         for (j, &p) in s[..visible].iter().enumerate() {
             let p = p * inv;
             for (o, &x) in or.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                *o += p * cvt(x);
+                *o += p * x.widen();
             }
         }
     }

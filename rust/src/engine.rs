@@ -64,7 +64,10 @@ impl Engine {
         let requested = dtype.map(parse_dtype).transpose()?;
         let cfg = ModelConfig::from_file(config_path)?;
         let device = parse_device(device)?;
-        device.set_seed(seed)?;
+        // candle's CPU generator cannot be seeded; values do not matter for speed.
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
         let stored = match cfg.torch_dtype.as_deref() {
             Some("bfloat16") => DType::BF16,
             Some("float16") => DType::F16,

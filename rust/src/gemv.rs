@@ -34,9 +34,9 @@ pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     };
     let mut out = vec![0f32; m * n];
     match &*w_storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out, |v| v),
-        candle_core::Storage::Cpu(CpuStorage::BF16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out, bf16::to_f32),
-        candle_core::Storage::Cpu(CpuStorage::F16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out, f16::to_f32),
+        candle_core::Storage::Cpu(CpuStorage::F32(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
+        candle_core::Storage::Cpu(CpuStorage::BF16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
+        candle_core::Storage::Cpu(CpuStorage::F16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
         _ => return Ok(None),
     }
     // Output is [m, n] row-major: out[i * n + j].
@@ -54,23 +54,88 @@ fn cpu_f32(x: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-fn run<W: Copy + Send + Sync>(
-    x: &[f32],
-    w: &[W],
-    m: usize,
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-    cvt: impl Fn(W) -> f32 + Sync + Copy,
-) {
+/// A weight element the kernels can widen to f32.
+pub(crate) trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+    /// Loads 8 elements at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p..p+8` must be readable and the CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: zero-extend to 32 bits and shift into place.
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn run<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, out: &mut [f32]) {
     // Work on the transposed output [n, m] so each task owns a contiguous slice, then scatter.
+    let use_simd = simd();
     let mut t = vec![0f32; n * m];
     t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
         let row0 = task * ROWS_PER_TASK;
+        let rows = chunk.len() / m;
+        let w = &w[row0 * k..(row0 + rows) * k];
+        #[cfg(target_arch = "x86_64")]
+        if use_simd {
+            // SAFETY: features detected above; slices are sized rows x k and m x k.
+            unsafe { rows_avx2(x, w, m, k, chunk) };
+            return;
+        }
+        let _ = use_simd;
         for (r, ys) in chunk.chunks_mut(m).enumerate() {
-            let wr = &w[(row0 + r) * k..(row0 + r + 1) * k];
             for (i, y) in ys.iter_mut().enumerate() {
-                *y = dot(&x[i * k..(i + 1) * k], wr, cvt);
+                *y = dot_generic(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]);
             }
         }
     });
@@ -81,45 +146,65 @@ fn run<W: Copy + Send + Sync>(
     }
 }
 
-#[inline(always)]
-pub(crate) fn dot<W: Copy>(x: &[f32], w: &[W], cvt: impl Fn(W) -> f32 + Copy) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected on this CPU.
-            return unsafe { dot_avx2(x, w, cvt) };
-        }
-    }
-    dot_generic(x, w, cvt)
-}
-
+/// `out[r * m + i] = x_i . w_r` for the rows of `w`, four weight rows at a time so each x
+/// vector load feeds four FMAs and four independent streams keep the prefetchers busy.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2<W: Copy>(x: &[f32], w: &[W], cvt: impl Fn(W) -> f32 + Copy) -> f32 {
-    dot_generic(x, w, cvt)
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<W: Widen>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let rows = w.len() / k;
+    let k8 = k / 8 * 8;
+    let mut r = 0;
+    while r < rows {
+        let nr = (rows - r).min(4);
+        for i in 0..m {
+            let xi = x.as_ptr().add(i * k);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let wp: [*const W; 4] = std::array::from_fn(|j| w.as_ptr().add((r + j.min(nr - 1)) * k));
+            let mut c = 0;
+            while c < k8 {
+                let xv = _mm256_loadu_ps(xi.add(c));
+                for j in 0..4 {
+                    acc[j] = _mm256_fmadd_ps(xv, W::load8(wp[j].add(c)), acc[j]);
+                }
+                c += 8;
+            }
+            for j in 0..nr {
+                let v = acc[j];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                let mut y = _mm_cvtss_f32(s);
+                for cc in k8..k {
+                    y += *xi.add(cc) * (*wp[j].add(cc)).widen();
+                }
+                out[(r + j) * m + i] = y;
+            }
+        }
+        r += nr;
+    }
 }
 
-/// 32 independent lanes so the compiler vectorises the reduction without reassociating floats.
+/// Portable dot product; 32 independent lanes so the compiler vectorises without
+/// reassociating floats.
 #[inline(always)]
-pub(crate) fn dot_generic<W: Copy>(x: &[f32], w: &[W], cvt: impl Fn(W) -> f32 + Copy) -> f32 {
+pub(crate) fn dot_generic<W: Widen>(x: &[f32], w: &[W]) -> f32 {
     const L: usize = 32;
     let mut acc = [0f32; L];
     let xc = x.chunks_exact(L);
     let wc = w.chunks_exact(L);
     let (xr, wr) = (xc.remainder(), wc.remainder());
     for (xa, wa) in xc.zip(wc) {
-        // Plain mul + add: `mul_add` becomes a libm call where FMA is not compiled in.
         for l in 0..L {
-            acc[l] += xa[l] * cvt(wa[l]);
+            acc[l] += xa[l] * wa[l].widen();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (a, b) in xr.iter().zip(wr) {
-        s += a * cvt(*b);
+        s += a * b.widen();
     }
     s
 }
-
 
 #[cfg(test)]
 mod tests {
