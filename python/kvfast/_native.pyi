@@ -91,5 +91,11 @@ class TokenStream(Iterator[int]):
 def cuda_available() -> bool:
     """Whether this build has the `cuda` feature and a CUDA device can be opened."""
 
+def load_blas(path: str, prefix: str = "") -> None:
+    """Use `{prefix}cblas_sgemm` from the shared library at `path` for CPU prefill products."""
+
+def blas_available() -> bool:
+    """Whether a BLAS was loaded (see `kvfast._blas`)."""
+
 def build_features() -> list[str]:
     """Cargo features compiled in ("cuda", "metal")."""

@@ -1,4 +1,4 @@
-"""The `kvfast` command line."""
+"""The `kvfast` command line: `kvfast generate ...` and `kvfast info ...`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="checkpoint directory or hub id (default: embedded qwen3-tiny)",
+        help="checkpoint directory or hub id (default: the embedded qwen3-tiny)",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or metal")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or metal (default: cpu)")
     p.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: f32 on CPU)")
 
 
@@ -26,17 +26,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"kvfast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
     _add_model_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+
     i = sub.add_parser("info", help="show the model's config, size and memory use")
     _add_model_args(i)
     return p
@@ -44,58 +49,69 @@ def _parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace) -> int:
     s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    prompt = args.prompt
+    prompt: str = args.prompt
     if args.chat:
         prompt = s.apply_chat_template([{"role": "user", "content": prompt}])
     ids = s.encode(prompt)
+    # Prefill separately from generate() so that the summary can time the two phases apart.
     t0 = time.perf_counter()
     s.prefill(ids, logits=None)
     t1 = time.perf_counter()
-    for piece in s.generate(
+    pieces = s.generate(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        stop=args.stop,
         stream=True,
-    ):
+    )
+    for piece in pieces:
         sys.stdout.write(piece)
-        sys.stdout.flush()
+        sys.stdout.flush()  # show each piece as it is generated
     t2 = time.perf_counter()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     new = s.cache_len - len(ids)
-    kv_mib = s.cache_info()["bytes"] / 2**20
     print(
-        f"[{len(ids)} prompt tokens in {t1 - t0:.2f}s, {new} new tokens at "
-        f"{new / max(t2 - t1, 1e-9):.1f} tok/s; KV cache {kv_mib:.2f} MiB]",
+        f"[{len(ids)} prompt tokens in {t1 - t0:.2f}s; {new} tokens generated in "
+        f"{t2 - t1:.2f}s, {new / max(t2 - t1, 1e-9):.1f} tokens/s]",
         file=sys.stderr,
     )
     return 0
+
+
+def _kv_bytes_per_token(s: Session) -> int:
+    # Measured rather than computed from the config, so it counts what the engine really
+    # stores per token (K and V in the cache dtype plus the per-key bias).
+    s.reset()
+    s.prefill([0], logits=None)
+    per_token = int(s.cache_info()["bytes"])
+    s.reset()
+    return per_token
 
 
 def _info(args: argparse.Namespace) -> int:
     s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     c = s.config
     e = s.engine
-    dsize = {"f32": 4, "f16": 2, "bf16": 2}[e.dtype]
-    # K and V rows in the model dtype plus one f32 bias per key, in every layer and KV head.
-    heads = c["num_hidden_layers"] * c["num_key_value_heads"]
-    kv_per_token = heads * (2 * c["head_dim"] * dsize + 4)
-    rows = [
-        ("model", str(s.model_path)),
-        ("model_type", c["model_type"]),
-        ("layers", c["num_hidden_layers"]),
-        ("hidden_size", c["hidden_size"]),
-        ("heads (q / kv)", f"{c['num_attention_heads']} / {c['num_key_value_heads']}"),
-        ("head_dim", c["head_dim"]),
-        ("intermediate_size", c["intermediate_size"]),
-        ("vocab_size", c["vocab_size"]),
-        ("rope_theta", c["rope_theta"]),
-        ("tied embeddings", c["tie_word_embeddings"]),
+    rows: list[tuple[str, object]] = [
+        ("model", s.model_path),
+        ("model_type", c.get("model_type")),
+        ("layers", c.get("num_hidden_layers")),
+        ("hidden_size", c.get("hidden_size")),
+        ("heads (q / kv)", f"{c.get('num_attention_heads')} / {c.get('num_key_value_heads')}"),
+        ("head_dim", c.get("head_dim")),
+        ("intermediate_size", c.get("intermediate_size")),
+        ("vocab_size", c.get("vocab_size")),
+        ("rope_theta", c.get("rope_theta")),
+        ("tied embeddings", c.get("tie_word_embeddings")),
         ("parameters", f"{e.num_parameters:,}"),
         ("device / dtype", f"{e.device} / {e.dtype}"),
         ("weights in memory", f"{e.weight_bytes / 2**20:.1f} MiB"),
-        ("KV cache per token", f"{kv_per_token:,} bytes"),
+        ("KV cache per token", f"{_kv_bytes_per_token(s):,} bytes"),
         ("build features", ", ".join(build_features()) or "cpu only"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -105,12 +121,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kvfast` script; returns the exit status."""
     args = _parser().parse_args(argv)
+    command = {"generate": _generate, "info": _info}[args.command]
     try:
-        return {"generate": _generate, "info": _info}[args.command](args)
+        return command(args)
+    # Expected failures (bad path, bad option value, device missing) get one line, not a
+    # traceback; anything else is a bug and keeps its traceback.
     except (KvfastError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kvfast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,22 +1,28 @@
-"""`Session`: a model, its KV cache and its tokenizer. Compute is native (`kvfast._native`);
-this layer adds text: tokenization, chat templates, hub download and text-level stopping."""
+"""`Session`: a model, its KV cache and its tokenizer.
+
+Compute is native (`kvfast._native`, token ids only); this layer adds text: tokenization, chat
+templates, hub download, and text-level stopping with incremental detokenization.
+"""
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from kvfast import _native, chat
+from kvfast.detok import stream_text
 from kvfast.hub import resolve_model
 
 TokenIds = Sequence[int] | npt.NDArray[np.integer[Any]]
+LogitsMode = Literal["last", "all"] | None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -27,10 +33,25 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _ids(ids: TokenIds) -> list[int]:
-    out = [int(i) for i in np.asarray(ids).reshape(-1)] if not isinstance(ids, list) else ids
-    if len(out) == 0:
+    """Token ids as a list of Python ints (what the native engine takes); rejects floats,
+    which `int()` would silently truncate."""
+    flat = np.asarray(ids).reshape(-1) if isinstance(ids, np.ndarray) else ids
+    try:
+        out = [operator.index(i) for i in flat]
+    except TypeError:
+        raise TypeError(f"token ids must be integers, got {ids!r:.80}") from None
+    if not out:
         raise ValueError("empty prompt: no token ids given")
-    return [int(i) for i in out]
+    return out
+
+
+def _id_list(value: Any) -> list[int]:
+    """A config's eos_token_id: an int, a list of ints, or absent."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
 
 
 class Session:
@@ -39,12 +60,12 @@ class Session:
     def __init__(
         self, engine: _native.Engine, model_path: Path, tokenizer: Tokenizer | None
     ) -> None:
-        self.engine = engine
-        self.model_path = model_path
+        self._engine = engine
+        self._model_path = model_path
         self._tokenizer = tokenizer
         self._tok_config = _read_json(model_path / "tokenizer_config.json")
         self._template = chat.load_template(model_path, self._tok_config)
-        self.eos_token_ids = self._eos_ids()
+        self._eos_token_ids = self._find_eos_ids()
 
     @classmethod
     def from_pretrained(
@@ -55,44 +76,74 @@ class Session:
         dtype: str | None = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     ) -> Session:
-        """Load a Qwen3 checkpoint: None (embedded qwen3-tiny), a directory, or a hub id."""
+        """Load a Qwen3 checkpoint: None (embedded qwen3-tiny), a directory, or a hub id.
+
+        `device` ("cpu", "cuda", "cuda:N", "metal") and `dtype` ("f32", "f16", "bf16"; None
+        for the engine's default) are checked by the engine. `tokenizer` is a Tokenizer, a
+        tokenizer.json or a directory holding one; by default the checkpoint's own. Without
+        any, the session works on token ids only.
+        """
         path = resolve_model(model)
+        tok = _load_tokenizer(tokenizer, path)
         engine = _native.Engine(str(path), device=device, dtype=dtype)
-        return cls(engine, path, _load_tokenizer(tokenizer, path))
+        return cls(engine, path, tok)
 
     # -- properties ---------------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            raise ValueError(
-                f"no tokenizer: {self.model_path} has no tokenizer.json; pass tokenizer=..."
-            )
+    def engine(self) -> _native.Engine:
+        """The native engine (token-id level API)."""
+        return self._engine
+
+    @property
+    def model_path(self) -> Path:
+        return self._model_path
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer, or None for an ids-only session."""
         return self._tokenizer
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.engine.config
+        """The engine's normalized model config (head_dim, rope_theta, eos_token_ids, ...)."""
+        return self._engine.config
 
     @property
     def device(self) -> str:
-        return self.engine.device
+        return self._engine.device
 
     @property
     def dtype(self) -> str:
-        return self.engine.dtype
+        return self._engine.dtype
 
     @property
     def cache_len(self) -> int:
         """Tokens the cache has seen (the position of the next token)."""
-        return self.engine.cache_len
+        return self._engine.cache_len
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end generation: generation_config's eos_token_id (else config.json's),
+        plus the tokenizer's eos_token."""
+        return list(self._eos_token_ids)
 
     # -- text ---------------------------------------------------------------------------------
+    def _require_tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise ValueError(
+                f"no tokenizer: {self._model_path} has no tokenizer.json; pass tokenizer=..."
+            )
+        return self._tokenizer
+
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        """Token ids of `text`, without BOS/EOS (special tokens written in the text, such as
+        those of a rendered chat template, are still recognized)."""
+        return list(self._require_tokenizer().encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: TokenIds, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(
-            [int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens
+        flat = np.asarray(ids).reshape(-1) if isinstance(ids, np.ndarray) else ids
+        return self._require_tokenizer().decode(
+            [operator.index(i) for i in flat], skip_special_tokens=skip_special_tokens
         )
 
     def apply_chat_template(
@@ -101,26 +152,70 @@ class Session:
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
-        """Render `messages` with the checkpoint's own Jinja chat template."""
-        specials = {k: self._tok_config.get(k) for k in ("bos_token", "eos_token")}
-        specials = {
-            k: (v.get("content") if isinstance(v, dict) else v) for k, v in specials.items()
-        }
-        return chat.render(self._template, messages, add_generation_prompt, **specials, **kwargs)
+        """Render `messages` with the checkpoint's own Jinja chat template, as transformers
+        does; extra kwargs (e.g. enable_thinking=False, tools=[...]) reach the template."""
+        variables = {**chat.special_tokens(self._tok_config), **kwargs}
+        return chat.render(self._template, messages, add_generation_prompt, **variables)
 
     # -- compute ------------------------------------------------------------------------------
     def prefill(
-        self, ids: TokenIds, *, logits: Literal["last", "all"] | None = "last"
+        self, ids: TokenIds, *, logits: LogitsMode = "last"
     ) -> npt.NDArray[np.float32] | None:
-        """Append `ids` to the cache; float32 logits `[vocab]`, `[len, vocab]` or None."""
+        """Append `ids` to the cache; float32 logits `[vocab]` ("last"), `[len, vocab]`
+        ("all") or None."""
         if logits not in ("last", "all", None):
             raise ValueError(f'logits must be "last", "all" or None, got {logits!r}')
-        return self.engine.prefill(_ids(ids), logits)
+        return self._engine.prefill(_ids(ids), logits)
 
     def score(self, ids: TokenIds) -> npt.NDArray[np.float32]:
-        """NLL of each token given the cache and the tokens before it; appends `ids`."""
-        return self.engine.score(_ids(ids))
+        """NLL (nats) of each id given the cache and the ids before it; appends `ids`."""
+        return self._engine.score(_ids(ids))
 
+    @overload
+    def generate(
+        self,
+        prompt: str | TokenIds | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: Literal[False] = False,
+    ) -> str: ...
+    @overload
+    def generate(
+        self,
+        prompt: str | TokenIds | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: Literal[True],
+    ) -> Iterator[str]: ...
+    @overload
+    def generate(
+        self,
+        prompt: str | TokenIds | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]: ...
     def generate(
         self,
         prompt: str | TokenIds | None = None,
@@ -135,103 +230,108 @@ class Session:
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
     ) -> str | Iterator[str]:
-        """Generate after `prompt` (or after the cache); the new text, or its pieces if `stream`.
+        """Generate after `prompt` (text or ids), or after the cache if `prompt` is None.
 
-        Stops at the model's EOS ids (not included in the text), at a `stop` string (cut before
-        it), or after `max_new_tokens` tokens. Generated tokens stay in the cache."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError("stop strings must be non-empty strings")
-        # Validate everything before touching the cache.
-        self._check_sampling(temperature, top_p, min_p, repetition_penalty)
-        if prompt is not None:
-            ids = self.encode(prompt) if isinstance(prompt, str) else _ids(prompt)
+        Returns the new text, or with `stream=True` an iterator of its pieces (joined, the
+        same text). Stops at an EOS id (not in the text), before the first `stop` string, or
+        after `max_new_tokens` tokens. temperature 0 is greedy. Arguments are checked and
+        the prompt is prefilled at call time; with `stream=True` tokens are then sampled
+        only as the iterator is consumed. Generated tokens (EOS included) stay in the cache.
+        """
+        stops = _check_generate_args(
+            max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop
+        )
+        # Everything that can fail is checked before the cache is touched.
+        ids: list[int] | None
+        if prompt is None:
+            if self._engine.cache_len == 0:
+                raise ValueError("nothing to continue from: the cache is empty; pass a prompt")
+            ids = None
+        elif isinstance(prompt, str):
+            ids = self.encode(prompt) if prompt else []
             if not ids:
                 raise ValueError("empty prompt")
-            self.engine.prefill(ids, None)
-        elif self.engine.last_logits() is None:
-            raise ValueError("nothing to continue from: the cache is empty; pass a prompt")
-        token_stream = self.engine.generate(
+        else:
+            ids = _ids(prompt)
+        tokenizer = self._require_tokenizer()
+        if ids is not None:
+            self._engine.prefill(ids, None)
+        tokens = self._engine.generate(
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
+            temperature=float(temperature),
             top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
+            top_p=float(top_p),
+            min_p=float(min_p),
+            repetition_penalty=float(repetition_penalty),
             seed=seed,
-            eos_ids=self.eos_token_ids,
+            eos_ids=self._eos_token_ids,
         )
-        pieces = self._text_pieces(token_stream, stops)
+        pieces = stream_text(tokenizer, tokens, eos_ids=self._eos_token_ids, stops=stops)
         return pieces if stream else "".join(pieces)
 
-    @staticmethod
-    def _check_sampling(temperature: float, top_p: float, min_p: float, rep: float) -> None:
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if not 0 <= min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {min_p}")
-        if not rep > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {rep}")
-
-    def _text_pieces(self, tokens: Iterator[int], stops: list[str]) -> Iterator[str]:
-        """Incremental detokenization: emit only text that is final (complete UTF-8, and not
-        possibly the start of a stop string)."""
-        eos = set(self.eos_token_ids)
-        ids: list[int] = []
-        emitted = 0
-        hold = max((len(s) for s in stops), default=1) - 1
-        text = ""
-        for tok in tokens:
-            if tok in eos:
-                break
-            ids.append(tok)
-            text = self.decode(ids)
-            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character
-                safe = min(safe, len(text.rstrip("\ufffd")))
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        if len(text) > emitted:
-            yield text[emitted:].rstrip("\ufffd") if text.endswith("\ufffd") else text[emitted:]
-
     def reset(self) -> None:
-        self.engine.reset()
+        """Empty the cache (the weights stay loaded)."""
+        self._engine.reset()
 
     def cache_info(self) -> dict[str, Any]:
-        """Tokens per layer/head and bytes of K, V and bias really held."""
-        return self.engine.cache_info()
+        """Tokens per layer and KV head, and bytes of K, V and bias held (see the .pyi)."""
+        return self._engine.cache_info()
 
-    def _eos_ids(self) -> list[int]:
-        ids: list[int] = []
-        gen = _read_json(self.model_path / "generation_config.json").get("eos_token_id")
-        for v in (gen, self.config.get("eos_token_ids")):
-            ids += [v] if isinstance(v, int) else list(v or [])
-        tok = self._tok_config.get("eos_token")
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if isinstance(tok, str) and self._tokenizer is not None:
-            tid = self._tokenizer.token_to_id(tok)
+    def _find_eos_ids(self) -> list[int]:
+        gen = _id_list(_read_json(self._model_path / "generation_config.json").get("eos_token_id"))
+        # The engine parses config.json's eos_token_id (int or list) into eos_token_ids.
+        ids = gen or _id_list(self.config.get("eos_token_ids"))
+        token = chat.special_tokens(self._tok_config)["eos_token"]
+        if token is not None and self._tokenizer is not None:
+            tid = self._tokenizer.token_to_id(token)
             if tid is not None:
                 ids.append(tid)
-        return list(dict.fromkeys(int(i) for i in ids))
+        return list(dict.fromkeys(ids))
 
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"Session(model={str(self.model_path)!r}, layers={c['num_hidden_layers']}, "
-            f"device={self.device}, dtype={self.dtype}, cache_len={self.cache_len})"
+            f"Session(model={str(self._model_path)!r}, model_type={c.get('model_type')!r}, "
+            f"layers={c.get('num_hidden_layers')}, device={self.device!r}, "
+            f"dtype={self.dtype!r}, cache_len={self.cache_len})"
         )
+
+
+def _check_generate_args(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+) -> list[str]:
+    """Clear ValueErrors in Python terms (the engine would give OverflowError for negative
+    ints); returns the stop strings as a list."""
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    # `not x >= 0` rather than `x < 0` so that NaN is rejected too.
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1), got {min_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
 
 
 def _load_tokenizer(
@@ -240,7 +340,7 @@ def _load_tokenizer(
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
     if tokenizer is not None:
-        path = Path(tokenizer)
+        path = Path(tokenizer).expanduser()
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {path}")

@@ -32,7 +32,7 @@ pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor>
         let qg = q.narrow(0, h * g, g)?.reshape((g * t, d))?;
         let k = head.keys()?;
         let v = head.values()?;
-        let logits = qg.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let logits = mm(&qg, &k, true)?.to_dtype(DType::F32)?;
         let mut logits = (logits * scale)?.reshape((g, t, n))?;
         if t > 1 {
             // Heads may differ in length after compaction; rebuild the mask only when needed.
@@ -45,10 +45,18 @@ pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor>
             logits = logits.broadcast_add(&head.bias()?)?;
         }
         let p = candle_nn::ops::softmax_last_dim(&logits)?.to_dtype(v.dtype())?;
-        let out = p.reshape((g * t, n))?.matmul(&v)?;
+        let out = mm(&p.reshape((g * t, n))?, &v, false)?;
         outs.push(out.reshape((g, t, d))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// `a @ b` (`b_t`: `a @ b^T`), through BLAS when one is loaded.
+fn mm(a: &Tensor, b: &Tensor, b_t: bool) -> Result<Tensor> {
+    if let Some(y) = crate::blas::matmul(a, b, b_t)? {
+        return Ok(y);
+    }
+    Ok(if b_t { a.matmul(&b.t()?)? } else { a.matmul(b)? })
 }
 
 /// `[t, n]` additive mask: query `i` (the `n - t + i`-th key) sees keys `0..=n - t + i`.

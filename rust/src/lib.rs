@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod attention_cpu;
+pub mod blas;
 pub mod cache;
 pub mod config;
 pub mod device;

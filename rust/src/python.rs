@@ -282,6 +282,19 @@ impl TokenStream {
     }
 }
 
+/// Use the CBLAS in the shared library at `path` (symbol `prefix` + "cblas_sgemm") for CPU
+/// prefill products.
+#[pyfunction]
+#[pyo3(signature = (path, prefix = ""))]
+fn load_blas(path: PathBuf, prefix: &str) -> PyResult<()> {
+    Ok(crate::blas::load(&path, prefix)?)
+}
+
+#[pyfunction]
+fn blas_available() -> bool {
+    crate::blas::available()
+}
+
 #[pyfunction]
 fn cuda_available() -> bool {
     cfg!(feature = "cuda") && crate::device::parse_device("cuda").is_ok()
@@ -327,6 +340,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<TokenStream>()?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(load_blas, m)?)?;
+    m.add_function(wrap_pyfunction!(blas_available, m)?)?;
     m.add_function(wrap_pyfunction!(py_build_features, m)?)?;
     Ok(())
 }

@@ -205,7 +205,13 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn describe_safetensors_error(e: &candle_core::Error) -> String {
     let s = e.to_string();
-    if s.contains("MetadataIncompleteBuffer") || s.contains("HeaderTooSmall") || s.contains("InvalidOffset") {
+    let l = s.to_ascii_lowercase();
+    // safetensors reports a short file as "incomplete metadata, file not fully covered",
+    // "header too small" or a bad header length/offset, depending on where it was cut.
+    if ["incomplete", "too small", "header length", "offset", "not fully covered"]
+        .iter()
+        .any(|k| l.contains(k))
+    {
         format!("the file is truncated or corrupt ({s})")
     } else {
         s

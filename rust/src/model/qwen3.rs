@@ -225,14 +225,18 @@ impl Qwen3 {
     }
 }
 
-/// `x W^T`: the streaming CPU kernel for a few rows (decode), candle's GEMM otherwise.
+/// `x W^T`: the streaming CPU kernel for a few rows (decode), BLAS or candle's GEMM otherwise.
 fn xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dim(0)? <= gemv::MAX_ROWS {
         if let Some(y) = gemv::matmul_xwt(&x.to_dtype(DType::F32)?, w)? {
             return Ok(y.to_dtype(x.dtype())?);
         }
     }
-    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
+    let w = w.to_dtype(x.dtype())?;
+    if let Some(y) = crate::blas::matmul(&x.contiguous()?, &w, true)? {
+        return Ok(y);
+    }
+    Ok(x.matmul(&w.t()?)?)
 }
 
 /// `[t, heads, d]` -> contiguous `[heads, t, d]`.
