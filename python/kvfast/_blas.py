@@ -17,6 +17,9 @@ def load_default_blas() -> bool:
     choice = os.environ.get("KVFAST_BLAS", "").strip()
     if choice.lower() in ("0", "off", "none", "false"):
         return False
+    # OpenBLAS workers spin for ~2^28 cycles after each call; decode (which never calls BLAS)
+    # would share the cores with them. 2^4 cycles: they sleep right after a prefill product.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         if choice:
             _native.load_blas(choice, "")
