@@ -23,6 +23,8 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
 /// The GEMM formulation (prefill chunks, GPU): candle ops only, so every backend runs it.
 pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
     let (n_heads, t, d) = q.dims3()?;
+    // Scaling q ([heads, t, d]) is cheaper than scaling every logit ([g*t, n] per head).
+    let q = (q * scale)?;
     let n_kv = layer.heads.len();
     let g = n_heads / n_kv;
     let mut mask: Option<(usize, Tensor)> = None;
@@ -32,8 +34,7 @@ pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor>
         let qg = q.narrow(0, h * g, g)?.reshape((g * t, d))?;
         let k = head.keys()?;
         let v = head.values()?;
-        let logits = mm(&qg, &k, true)?.to_dtype(DType::F32)?;
-        let mut logits = (logits * scale)?.reshape((g, t, n))?;
+        let mut logits = mm(&qg, &k, true)?.to_dtype(DType::F32)?.reshape((g, t, n))?;
         if t > 1 {
             // Heads may differ in length after compaction; rebuild the mask only when needed.
             if mask.as_ref().is_none_or(|(len, _)| *len != n) {
