@@ -241,12 +241,6 @@ impl KvCache {
     pub fn bytes_allocated(&self) -> usize {
         self.layers.iter().flat_map(|l| &l.heads).map(|h| h.bytes(h.capacity())).sum()
     }
-
-    /// Whether every head of `layer` has the same length.
-    pub fn uniform(&self, layer: usize) -> bool {
-        let heads = &self.layers[layer].heads;
-        heads.iter().all(|h| h.len == heads[0].len)
-    }
 }
 
 #[cfg(test)]
