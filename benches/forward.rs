@@ -11,7 +11,9 @@ use _native::engine::{Engine, LogitsWant};
 use _native::sample::{Sampler, SamplingParams};
 
 fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel)
 }
 
 fn engines() -> Vec<(&'static str, Engine)> {
@@ -29,7 +31,9 @@ fn engines() -> Vec<(&'static str, Engine)> {
 }
 
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| (1 + (i * 7919) % (vocab - 1)) as u32).collect()
+    (0..n)
+        .map(|i| (1 + (i * 7919) % (vocab - 1)) as u32)
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -40,12 +44,16 @@ fn bench(c: &mut Criterion) {
         g.bench_function("prefill_512", |b| {
             b.iter(|| {
                 engine.reset().unwrap();
-                engine.prefill(&prompt(512, vocab), LogitsWant::Last).unwrap();
+                engine
+                    .prefill(&prompt(512, vocab), LogitsWant::Last)
+                    .unwrap();
             })
         });
         for ctx in [512usize, 2048] {
             engine.reset().unwrap();
-            engine.prefill(&prompt(ctx, vocab), LogitsWant::None).unwrap();
+            engine
+                .prefill(&prompt(ctx, vocab), LogitsWant::None)
+                .unwrap();
             let mut sampler = Sampler::new(SamplingParams::default(), Some(0)).unwrap();
             g.bench_with_input(BenchmarkId::new("decode_step", ctx), &ctx, |b, _| {
                 // Each step appends one token; a few hundred steps barely move the context.

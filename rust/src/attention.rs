@@ -34,7 +34,9 @@ pub fn attend_gemm(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor>
         let qg = q.narrow(0, h * g, g)?.reshape((g * t, d))?;
         let k = head.keys()?;
         let v = head.values()?;
-        let mut logits = mm(&qg, &k, true)?.to_dtype(DType::F32)?.reshape((g, t, n))?;
+        let mut logits = mm(&qg, &k, true)?
+            .to_dtype(DType::F32)?
+            .reshape((g, t, n))?;
         if t > 1 {
             // Heads may differ in length after compaction; rebuild the mask only when needed.
             if mask.as_ref().is_none_or(|(len, _)| *len != n) {
@@ -57,14 +59,26 @@ fn mm(a: &Tensor, b: &Tensor, b_t: bool) -> Result<Tensor> {
     if let Some(y) = crate::blas::matmul(a, b, b_t)? {
         return Ok(y);
     }
-    Ok(if b_t { a.matmul(&b.t()?)? } else { a.matmul(b)? })
+    Ok(if b_t {
+        a.matmul(&b.t()?)?
+    } else {
+        a.matmul(b)?
+    })
 }
 
 /// `[t, n]` additive mask: query `i` (the `n - t + i`-th key) sees keys `0..=n - t + i`.
 pub fn causal_mask(t: usize, n: usize, device: &candle_core::Device) -> Result<Tensor> {
     let offset = n - t;
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..n).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..n).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(data, (t, n), device)?)
 }
@@ -140,8 +154,13 @@ mod tests {
         let q = Tensor::new(&[[[0.5f32, 0.5]]], &dev)?;
         // A single query over 2 keys with t=1: it sees both (it is not one of them, but the
         // mask only applies for t > 1).
-        let out = attend(&q, &cache.layers[0], 1.0)?.flatten_all()?.to_vec1::<f32>()?;
-        assert!((out[0] - 2.0).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6, "{out:?}");
+        let out = attend(&q, &cache.layers[0], 1.0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(
+            (out[0] - 2.0).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6,
+            "{out:?}"
+        );
         Ok(())
     }
 }

@@ -25,21 +25,47 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Option<Tenso
         .zip(layer.heads.par_iter())
         .enumerate()
         .try_for_each(|(h, (o, head))| {
-            head_attend(&qf[h * g * t * d..(h + 1) * g * t * d], head, t, d, scale as f32, o)
+            head_attend(
+                &qf[h * g * t * d..(h + 1) * g * t * d],
+                head,
+                t,
+                d,
+                scale as f32,
+                o,
+            )
         })?;
-    Ok(Some(Tensor::from_vec(out, (nh, t, d), q.device())?.to_dtype(q.dtype())?))
+    Ok(Some(
+        Tensor::from_vec(out, (nh, t, d), q.device())?.to_dtype(q.dtype())?,
+    ))
 }
 
 /// `q`: the group's `g * t` query rows (head-major), `out`: same shape.
-fn head_attend(q: &[f32], head: &HeadCache, t: usize, d: usize, scale: f32, out: &mut [f32]) -> Result<()> {
+fn head_attend(
+    q: &[f32],
+    head: &HeadCache,
+    t: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
     let n = head.len();
-    let bias = if head.has_bias() { Some(head.bias()?.to_vec1::<f32>()?) } else { None };
+    let bias = if head.has_bias() {
+        Some(head.bias()?.to_vec1::<f32>()?)
+    } else {
+        None
+    };
     let (k, v) = (head.keys()?, head.values()?);
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
     let b = bias.as_deref();
-    let args = Args { t, d, n, scale, bias: b };
+    let args = Args {
+        t,
+        d,
+        n,
+        scale,
+        bias: b,
+    };
     match (&*ks, &*vs) {
         (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
             dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
@@ -50,7 +76,11 @@ fn head_attend(q: &[f32], head: &HeadCache, t: usize, d: usize, scale: f32, out:
         (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
             dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
         }
-        _ => return Err(candle_core::Error::Msg("cpu attention: unsupported cache storage".into()).into()),
+        _ => {
+            return Err(
+                candle_core::Error::Msg("cpu attention: unsupported cache storage".into()).into(),
+            )
+        }
     }
     Ok(())
 }
@@ -66,7 +96,8 @@ struct Args<'a> {
 fn dispatch<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the features were just detected on this CPU.
             return unsafe { kernel_avx2(a, q, k, v, out) };
         }
@@ -133,7 +164,9 @@ mod tests {
                 let k = Tensor::randn(0f32, 1.0, (2, t, 16), &dev)?.to_dtype(dt)?;
                 cache.append(0, &k, &k)?;
                 let q = Tensor::randn(0f32, 1.0, (6, t, 16), &dev)?.to_dtype(dt)?;
-                let got = attend(&q, &cache.layers[0], 0.25)?.unwrap().to_dtype(DType::F32)?;
+                let got = attend(&q, &cache.layers[0], 0.25)?
+                    .unwrap()
+                    .to_dtype(DType::F32)?;
                 let want = crate::attention::attend_reference(&q, &cache.layers[0], 0.25)?;
                 let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 let tol = if dt == DType::F32 { 1e-5 } else { 2e-2 };

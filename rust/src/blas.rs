@@ -15,8 +15,20 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use crate::error::{Error, Result};
 
 type Sgemm = unsafe extern "C" fn(
-    c_int, c_int, c_int, c_int, c_int, c_int, f32, *const f32, c_int, *const f32, c_int, f32,
-    *mut f32, c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
 );
 type SetThreads = unsafe extern "C" fn(c_int);
 
@@ -43,7 +55,9 @@ pub fn load(path: &Path, prefix: &str) -> Result<()> {
         let sgemm: Sgemm = *lib
             .get::<Sgemm>(format!("{prefix}cblas_sgemm\0").as_bytes())
             .map_err(|e| err(e.to_string()))?;
-        if let Ok(set) = lib.get::<SetThreads>(format!("{prefix}openblas_set_num_threads\0").as_bytes()) {
+        if let Ok(set) =
+            lib.get::<SetThreads>(format!("{prefix}openblas_set_num_threads\0").as_bytes())
+        {
             set(crate::threads::num_threads() as c_int);
         }
         let _ = BLAS.set(Blas { _lib: lib, sgemm });
@@ -58,7 +72,9 @@ pub fn available() -> bool {
 /// `a [m, k] @ b` where `b` is `[k, n]`, or `[n, k]` read transposed (`b_t`), both f32 on the
 /// CPU with contiguous storage. `None` when no BLAS is loaded or the operands do not qualify.
 pub fn matmul(a: &Tensor, b: &Tensor, b_t: bool) -> Result<Option<Tensor>> {
-    let Some(blas) = BLAS.get() else { return Ok(None) };
+    let Some(blas) = BLAS.get() else {
+        return Ok(None);
+    };
     if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -84,8 +100,20 @@ pub fn matmul(a: &Tensor, b: &Tensor, b_t: bool) -> Result<Option<Tensor>> {
     // SAFETY: sizes and leading dimensions match the slices checked above.
     unsafe {
         (blas.sgemm)(
-            ROW_MAJOR, NO_TRANS, tb, m as c_int, n as c_int, k as c_int, 1.0, av.as_ptr(), k as c_int,
-            bv.as_ptr(), ldb as c_int, 0.0, out.as_mut_ptr(), n as c_int,
+            ROW_MAJOR,
+            NO_TRANS,
+            tb,
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            1.0,
+            av.as_ptr(),
+            k as c_int,
+            bv.as_ptr(),
+            ldb as c_int,
+            0.0,
+            out.as_mut_ptr(),
+            n as c_int,
         );
     }
     Ok(Some(Tensor::from_vec(out, (m, n), a.device())?))

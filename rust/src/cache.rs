@@ -143,7 +143,13 @@ impl KvCache {
                 Ok(LayerCache { heads })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, next_position: 0, head_dim, dtype, device: device.clone() })
+        Ok(Self {
+            layers,
+            next_position: 0,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     pub fn n_layers(&self) -> usize {
@@ -205,16 +211,27 @@ impl KvCache {
         }
         let mut new = HeadCache::with_capacity(n, self.head_dim, self.dtype, &self.device)?;
         if n > 0 {
-            new.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
-            new.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
+            new.k
+                .slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
+            new.v
+                .slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 0, 0)?;
         }
         if let Some(b) = bias {
             if b.dims() != [n] {
-                return Err(Error::invalid(format!("replace_head: bias {:?} must be [{n}]", b.dims())));
+                return Err(Error::invalid(format!(
+                    "replace_head: bias {:?} must be [{n}]",
+                    b.dims()
+                )));
             }
             if n > 0 {
-                new.bias.slice_set(&b.to_dtype(DType::F32)?.contiguous()?, 0, 0)?;
-                new.has_bias = b.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? != 0.0;
+                new.bias
+                    .slice_set(&b.to_dtype(DType::F32)?.contiguous()?, 0, 0)?;
+                new.has_bias = b
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?
+                    != 0.0;
             }
         }
         new.len = n;
@@ -222,24 +239,75 @@ impl KvCache {
         Ok(())
     }
 
+    /// Drops the newest `t` tokens from every head and rewinds `next_position` by `t` (how a
+    /// scratch suffix, e.g. compaction's reference-query prompt, is discarded). Heads whose
+    /// newest rows were not appended together (after compaction every head still ends with the
+    /// same appended tokens) lose exactly those rows.
+    pub fn truncate_last(&mut self, t: usize) -> Result<()> {
+        if let Some(h) = self
+            .layers
+            .iter()
+            .flat_map(|l| &l.heads)
+            .find(|h| h.len < t)
+        {
+            return Err(Error::invalid(format!(
+                "cannot drop {t} tokens from a head holding {}",
+                h.len
+            )));
+        }
+        if t > self.next_position {
+            return Err(Error::invalid(format!(
+                "cannot drop {t} tokens: only {} were appended",
+                self.next_position
+            )));
+        }
+        for head in self.layers.iter_mut().flat_map(|l| &mut l.heads) {
+            head.len -= t;
+            // Rows past `len` must stay at bias 0 for later appends (see `append`).
+            if head.has_bias && t > 0 {
+                let zeros = Tensor::zeros(t, DType::F32, head.bias.device())?;
+                head.bias.slice_set(&zeros, 0, head.len)?;
+            }
+        }
+        self.next_position -= t;
+        Ok(())
+    }
+
     pub fn reset(&mut self) -> Result<()> {
-        *self = Self::new(self.n_layers(), self.n_kv_heads(), self.head_dim, self.dtype, &self.device)?;
+        *self = Self::new(
+            self.n_layers(),
+            self.n_kv_heads(),
+            self.head_dim,
+            self.dtype,
+            &self.device,
+        )?;
         Ok(())
     }
 
     /// Tokens kept per head, `[layer][kv_head]`.
     pub fn tokens_per_head(&self) -> Vec<Vec<usize>> {
-        self.layers.iter().map(|l| l.heads.iter().map(HeadCache::len).collect()).collect()
+        self.layers
+            .iter()
+            .map(|l| l.heads.iter().map(HeadCache::len).collect())
+            .collect()
     }
 
     /// Bytes of K, V and bias in use (the sum over heads of their own lengths).
     pub fn bytes_used(&self) -> usize {
-        self.layers.iter().flat_map(|l| &l.heads).map(|h| h.bytes(h.len)).sum()
+        self.layers
+            .iter()
+            .flat_map(|l| &l.heads)
+            .map(|h| h.bytes(h.len))
+            .sum()
     }
 
     /// Bytes allocated (capacity), including room reserved for growth.
     pub fn bytes_allocated(&self) -> usize {
-        self.layers.iter().flat_map(|l| &l.heads).map(|h| h.bytes(h.capacity())).sum()
+        self.layers
+            .iter()
+            .flat_map(|l| &l.heads)
+            .map(|h| h.bytes(h.capacity()))
+            .sum()
     }
 }
 
@@ -262,9 +330,42 @@ mod tests {
         assert_eq!(caps, vec![64, 128, 256]);
         let keys = c.head(0, 1).keys()?.to_vec2::<f32>()?;
         assert_eq!(keys.len(), 200);
-        assert!(keys.iter().enumerate().all(|(i, r)| r.iter().all(|&x| x == i as f32)));
+        assert!(keys
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.iter().all(|&x| x == i as f32)));
         assert_eq!(c.next_position(), 200);
         assert_eq!(c.bytes_used(), 2 * 200 * (2 * 4 * 4 + 4));
+        Ok(())
+    }
+
+    #[test]
+    fn truncate_last_discards_a_suffix_and_rewinds_positions() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 1, 4, DType::F32, &dev)?;
+        for l in 0..2 {
+            let k = Tensor::arange(0f32, 40., &dev)?.reshape((1, 10, 4))?;
+            c.append(l, &k, &k)?;
+        }
+        c.advance(10);
+        let b = Tensor::ones(10, DType::F32, &dev)?;
+        let k0 = c.head(0, 0).keys()?;
+        c.replace_head(0, 0, &k0, &k0, Some(&b))?;
+        c.truncate_last(3)?;
+        assert_eq!(c.next_position(), 7);
+        assert_eq!(c.tokens_per_head(), vec![vec![7], vec![7]]);
+        assert_eq!(
+            c.head(1, 0).keys()?.to_vec2::<f32>()?[6],
+            vec![24., 25., 26., 27.]
+        );
+        // A token appended after the truncation gets bias 0 in the biased head.
+        let z = Tensor::zeros((1, 1, 4), DType::F32, &dev)?;
+        c.append(0, &z, &z)?;
+        assert_eq!(
+            c.head(0, 0).bias()?.to_vec1::<f32>()?,
+            [vec![1.0; 7], vec![0.0]].concat()
+        );
+        assert!(c.truncate_last(9).is_err());
         Ok(())
     }
 
@@ -283,9 +384,16 @@ mod tests {
         assert!(c.head(0, 1).has_bias() && !c.head(0, 0).has_bias());
         assert_eq!(c.bytes_used(), before - 7 * (2 * 4 * 4 + 4));
         // Appending after compaction: bias 0 for the new key, position continues.
-        c.append(0, &Tensor::zeros((2, 1, 4), DType::F32, &dev)?, &Tensor::zeros((2, 1, 4), DType::F32, &dev)?)?;
+        c.append(
+            0,
+            &Tensor::zeros((2, 1, 4), DType::F32, &dev)?,
+            &Tensor::zeros((2, 1, 4), DType::F32, &dev)?,
+        )?;
         c.advance(1);
-        assert_eq!(c.head(0, 1).bias()?.to_vec1::<f32>()?, vec![0.5, 0.0, -1.0, 0.0]);
+        assert_eq!(
+            c.head(0, 1).bias()?.to_vec1::<f32>()?,
+            vec![0.5, 0.0, -1.0, 0.0]
+        );
         assert_eq!(c.next_position(), 11);
         Ok(())
     }

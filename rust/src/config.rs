@@ -55,15 +55,27 @@ struct Raw {
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound { what: "config.json", path: path.into() },
-            _ => Error::Config { path: path.into(), msg: e.to_string() },
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                what: "config.json",
+                path: path.into(),
+            },
+            _ => Error::Config {
+                path: path.into(),
+                msg: e.to_string(),
+            },
         })?;
-        Self::from_json(&text).map_err(|msg| Error::Config { path: path.into(), msg })
+        Self::from_json(&text).map_err(|msg| Error::Config {
+            path: path.into(),
+            msg,
+        })
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
         let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if model_type != "qwen3" {
             return Err(format!(
                 "model_type {model_type:?} is not supported: kvfast loads Qwen3 checkpoints \
@@ -73,7 +85,9 @@ impl ModelConfig {
         let raw: Raw = serde_json::from_value(value).map_err(|e| e.to_string())?;
         let rope_theta = rope_theta(&raw)?;
         if raw.use_sliding_window == Some(true) {
-            return Err("sliding-window attention (use_sliding_window=true) is not supported".into());
+            return Err(
+                "sliding-window attention (use_sliding_window=true) is not supported".into(),
+            );
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -84,7 +98,9 @@ impl ModelConfig {
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim must be even and positive, got {head_dim}"));
+            return Err(format!(
+                "head_dim must be even and positive, got {head_dim}"
+            ));
         }
         Ok(Self {
             model_type: raw.model_type.unwrap_or_default(),
@@ -114,7 +130,11 @@ impl ModelConfig {
 fn rope_theta(raw: &Raw) -> std::result::Result<f64, String> {
     // transformers 5 moved RoPE settings into `rope_parameters`; older configs keep a top-level
     // `rope_theta` and an optional `rope_scaling`.
-    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()).filter(|v| !v.is_null());
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .or(raw.rope_scaling.as_ref())
+        .filter(|v| !v.is_null());
     if let Some(p) = params {
         let kind = p
             .get("rope_type")
@@ -122,7 +142,9 @@ fn rope_theta(raw: &Raw) -> std::result::Result<f64, String> {
             .and_then(Value::as_str)
             .unwrap_or("default");
         if kind != "default" {
-            return Err(format!("RoPE scaling {kind:?} is not supported (only \"default\")"));
+            return Err(format!(
+                "RoPE scaling {kind:?} is not supported (only \"default\")"
+            ));
         }
         if let Some(theta) = p.get("rope_theta").and_then(Value::as_f64) {
             return Ok(theta);
@@ -134,7 +156,11 @@ fn rope_theta(raw: &Raw) -> std::result::Result<f64, String> {
 fn eos_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -149,7 +175,8 @@ mod tests {
 
     #[test]
     fn reads_both_rope_styles() {
-        let classic = ModelConfig::from_json(&format!("{{{BASE}, \"rope_theta\": 5000.0}}")).unwrap();
+        let classic =
+            ModelConfig::from_json(&format!("{{{BASE}, \"rope_theta\": 5000.0}}")).unwrap();
         assert_eq!(classic.rope_theta, 5000.0);
         let new = ModelConfig::from_json(&format!(
             "{{{BASE}, \"rope_parameters\": {{\"rope_theta\": 1e6, \"rope_type\": \"default\"}}}}"

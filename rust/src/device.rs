@@ -108,10 +108,19 @@ mod tests {
     #[test]
     fn parses_devices_and_dtypes() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
-        assert!(matches!(parse_device("tpu"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(parse_device("cuda:x"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            parse_device("tpu"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            parse_device("cuda:x"),
+            Err(Error::InvalidArgument(_))
+        ));
         #[cfg(not(feature = "cuda"))]
-        assert!(matches!(parse_device("cuda:0"), Err(Error::DeviceUnavailable(_))));
+        assert!(matches!(
+            parse_device("cuda:0"),
+            Err(Error::DeviceUnavailable(_))
+        ));
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
         assert!(parse_dtype("f8").unwrap_err().to_string().contains("f8"));

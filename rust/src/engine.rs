@@ -38,7 +38,10 @@ impl Engine {
         // Parse the cheap arguments first so a typo is reported before any file is read.
         let requested = dtype.map(parse_dtype).transpose()?;
         if !path.exists() {
-            return Err(Error::NotFound { what: "model path", path: path.into() });
+            return Err(Error::NotFound {
+                what: "model path",
+                path: path.into(),
+            });
         }
         if !path.is_dir() {
             return Err(Error::invalid(format!(
@@ -60,7 +63,12 @@ impl Engine {
     }
 
     /// A random-weight model of the shape in `config_path` (speed benchmarks of real shapes).
-    pub fn random(config_path: &Path, device: &str, dtype: Option<&str>, seed: u64) -> Result<Self> {
+    pub fn random(
+        config_path: &Path,
+        device: &str,
+        dtype: Option<&str>,
+        seed: u64,
+    ) -> Result<Self> {
         let requested = dtype.map(parse_dtype).transpose()?;
         let cfg = ModelConfig::from_file(config_path)?;
         let device = parse_device(device)?;
@@ -74,14 +82,23 @@ impl Engine {
             _ => DType::F32,
         };
         let dtype = requested.unwrap_or(if device.is_cpu() { DType::F32 } else { stored });
-        let source = RandomWeights { device: device.clone(), dtype, stored };
+        let source = RandomWeights {
+            device: device.clone(),
+            dtype,
+            stored,
+        };
         let model = Qwen3::load(&cfg, &source, dtype, &device)?;
         Self::from_model(model)
     }
 
     pub fn from_model(model: Qwen3) -> Result<Self> {
         let cache = model.new_cache()?;
-        Ok(Self { model, cache, last_logits: None, history: Vec::new() })
+        Ok(Self {
+            model,
+            cache,
+            last_logits: None,
+            history: Vec::new(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -140,7 +157,12 @@ impl Engine {
             let hidden = self.model.forward(chunk, &mut self.cache)?;
             self.history.extend_from_slice(chunk);
             if want == LogitsWant::All {
-                all.extend(self.model.logits(&hidden)?.flatten_all()?.to_vec1::<f32>()?);
+                all.extend(
+                    self.model
+                        .logits(&hidden)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
             }
             let last = hidden.narrow(0, chunk.len() - 1, 1)?;
             self.last_logits = Some(self.model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?);
@@ -160,7 +182,9 @@ impl Engine {
     fn score_inner(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let first = self.last_logits.as_ref().ok_or_else(|| {
-            Error::invalid("cannot score the first token: the cache is empty (prefill a prefix first)")
+            Error::invalid(
+                "cannot score the first token: the cache is empty (prefill a prefix first)",
+            )
         })?;
         let mut nll = vec![nll_of(first, ids[0])];
         let mut offset = 0;
@@ -169,7 +193,8 @@ impl Engine {
             self.history.extend_from_slice(chunk);
             let logp = candle_nn::ops::log_softmax(&self.model.logits(&hidden)?, D::Minus1)?;
             // Row i predicts ids[offset + i + 1].
-            let targets: Vec<u32> = ids[offset + 1..(offset + chunk.len() + 1).min(ids.len())].to_vec();
+            let targets: Vec<u32> =
+                ids[offset + 1..(offset + chunk.len() + 1).min(ids.len())].to_vec();
             if !targets.is_empty() {
                 let rows = logp.narrow(0, 0, targets.len())?;
                 let idx = Tensor::new(targets.as_slice(), rows.device())?.unsqueeze(1)?;
@@ -200,6 +225,11 @@ impl Engine {
 
 fn nll_of(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| ((x - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     lse - logits[id as usize]
 }

@@ -21,7 +21,11 @@ pub enum Error {
     MissingTensor { name: String, files: String },
 
     #[error("tensor {name:?} has shape {got:?}, expected {expected:?} from config.json")]
-    TensorShape { name: String, got: Vec<usize>, expected: Vec<usize> },
+    TensorShape {
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
 
     /// Bad argument from the caller (unknown dtype, token id out of range, empty input, ...).
     #[error("{0}")]

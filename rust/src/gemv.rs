@@ -122,23 +122,25 @@ fn run<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, out: &mut [f3
     // Work on the transposed output [n, m] so each task owns a contiguous slice, then scatter.
     let use_simd = simd();
     let mut t = vec![0f32; n * m];
-    t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
-        let row0 = task * ROWS_PER_TASK;
-        let rows = chunk.len() / m;
-        let w = &w[row0 * k..(row0 + rows) * k];
-        #[cfg(target_arch = "x86_64")]
-        if use_simd {
-            // SAFETY: features detected above; slices are sized rows x k and m x k.
-            unsafe { rows_avx2(x, w, m, k, chunk) };
-            return;
-        }
-        let _ = use_simd;
-        for (r, ys) in chunk.chunks_mut(m).enumerate() {
-            for (i, y) in ys.iter_mut().enumerate() {
-                *y = dot_generic(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]);
+    t.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * ROWS_PER_TASK;
+            let rows = chunk.len() / m;
+            let w = &w[row0 * k..(row0 + rows) * k];
+            #[cfg(target_arch = "x86_64")]
+            if use_simd {
+                // SAFETY: features detected above; slices are sized rows x k and m x k.
+                unsafe { rows_avx2(x, w, m, k, chunk) };
+                return;
             }
-        }
-    });
+            let _ = use_simd;
+            for (r, ys) in chunk.chunks_mut(m).enumerate() {
+                for (i, y) in ys.iter_mut().enumerate() {
+                    *y = dot_generic(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]);
+                }
+            }
+        });
     for j in 0..n {
         for i in 0..m {
             out[i * n + j] = t[j * m + i];
@@ -160,7 +162,8 @@ unsafe fn rows_avx2<W: Widen>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut 
         for i in 0..m {
             let xi = x.as_ptr().add(i * k);
             let mut acc = [_mm256_setzero_ps(); 4];
-            let wp: [*const W; 4] = std::array::from_fn(|j| w.as_ptr().add((r + j.min(nr - 1)) * k));
+            let wp: [*const W; 4] =
+                std::array::from_fn(|j| w.as_ptr().add((r + j.min(nr - 1)) * k));
             let mut c = 0;
             while c < k8 {
                 let xv = _mm256_loadu_ps(xi.add(c));
@@ -225,7 +228,11 @@ mod tests {
                 assert!(err < 1e-3, "{m}x{n}x{k} {dt:?}: {err}");
             }
         }
-        assert!(matmul_xwt(&Tensor::zeros((9, 4), DType::F32, &dev)?, &Tensor::zeros((2, 4), DType::F32, &dev)?)?.is_none());
+        assert!(matmul_xwt(
+            &Tensor::zeros((9, 4), DType::F32, &dev)?,
+            &Tensor::zeros((2, 4), DType::F32, &dev)?
+        )?
+        .is_none());
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod attention_cpu;
 pub mod blas;
 pub mod cache;
+pub mod compact;
 pub mod config;
 pub mod device;
 pub mod engine;

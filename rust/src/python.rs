@@ -53,12 +53,21 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::error::Result<T> + Se
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(raise(py, &KVFAST_ERROR, "KvfastError", format!("internal error (a kvfast bug): {what}")))
+            Err(raise(
+                py,
+                &KVFAST_ERROR,
+                "KvfastError",
+                format!("internal error (a kvfast bug): {what}"),
+            ))
         }
     }
 }
 
-fn f32_array<'py>(py: Python<'py>, data: Vec<f32>, rows: Option<usize>) -> PyResult<Bound<'py, PyAny>> {
+fn f32_array<'py>(
+    py: Python<'py>,
+    data: Vec<f32>,
+    rows: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
     let len = data.len();
     let arr = PyArray1::from_vec(py, data);
     Ok(match rows {
@@ -86,9 +95,17 @@ impl Engine {
     /// A random-weight model with the shape of a `config.json` (for speed benchmarks).
     #[staticmethod]
     #[pyo3(signature = (config_path, device = "cpu", dtype = None, seed = 0))]
-    fn random(py: Python<'_>, config_path: PathBuf, device: &str, dtype: Option<&str>, seed: u64) -> PyResult<Self> {
+    fn random(
+        py: Python<'_>,
+        config_path: PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+        seed: u64,
+    ) -> PyResult<Self> {
         let (device, dtype) = (device.to_string(), dtype.map(str::to_string));
-        let core = run(py, move || Core::random(&config_path, &device, dtype.as_deref(), seed))?;
+        let core = run(py, move || {
+            Core::random(&config_path, &device, dtype.as_deref(), seed)
+        })?;
         Ok(Self { core })
     }
 
@@ -169,7 +186,8 @@ impl Engine {
         let n = ids.len();
         let core = &mut self.core;
         let out = run(py, move || core.prefill(&ids, want))?;
-        out.map(|v| f32_array(py, v, (want == LogitsWant::All).then_some(n))).transpose()
+        out.map(|v| f32_array(py, v, (want == LogitsWant::All).then_some(n)))
+            .transpose()
     }
 
     fn score<'py>(&mut self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyAny>> {
@@ -180,7 +198,10 @@ impl Engine {
     }
 
     fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        self.core.last_logits().map(|l| f32_array(py, l.to_vec(), None)).transpose()
+        self.core
+            .last_logits()
+            .map(|l| f32_array(py, l.to_vec(), None))
+            .transpose()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -197,7 +218,13 @@ impl Engine {
         seed: Option<u64>,
         eos_ids: Option<Vec<u32>>,
     ) -> PyResult<TokenStream> {
-        let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty };
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+        };
         let sampler = Sampler::new(params, seed)?;
         if slf.borrow().core.last_logits().is_none() {
             return Err(PyValueError::new_err(
@@ -205,7 +232,13 @@ impl Engine {
             ));
         }
         let eos = eos_ids.unwrap_or_else(|| slf.borrow().core.config().eos_token_ids.clone());
-        Ok(TokenStream { engine: slf.unbind(), sampler, remaining: max_new_tokens, eos, done: false })
+        Ok(TokenStream {
+            engine: slf.unbind(),
+            sampler,
+            remaining: max_new_tokens,
+            eos,
+            done: false,
+        })
     }
 
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
@@ -226,7 +259,14 @@ impl Engine {
         d.set_item("tokens_per_head", c.tokens_per_head())?;
         d.set_item("bytes", bytes)?;
         d.set_item("capacity_bytes", c.bytes_allocated())?;
-        d.set_item("bytes_per_token", if tokens > 0 { bytes as f64 / tokens as f64 } else { 0.0 })?;
+        d.set_item(
+            "bytes_per_token",
+            if tokens > 0 {
+                bytes as f64 / tokens as f64
+            } else {
+                0.0
+            },
+        )?;
         Ok(d)
     }
 
@@ -247,7 +287,8 @@ impl Engine {
 fn to_ids(ids: &[i64]) -> PyResult<Vec<u32>> {
     ids.iter()
         .map(|&i| {
-            u32::try_from(i).map_err(|_| PyValueError::new_err(format!("token id {i} is out of range")))
+            u32::try_from(i)
+                .map_err(|_| PyValueError::new_err(format!("token id {i} is out of range")))
         })
         .collect()
 }

@@ -17,7 +17,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
     }
 }
 
@@ -25,7 +31,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -34,7 +43,10 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1), got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -66,7 +78,11 @@ impl Sampler {
                     if !*s {
                         *s = true;
                         let l = &mut logits[id as usize];
-                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
                     }
                 }
             }
@@ -81,8 +97,10 @@ impl Sampler {
             idx.truncate(p.top_k);
         }
         let max = logits[idx[0] as usize];
-        let mut probs: Vec<f32> =
-            idx.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
+        let mut probs: Vec<f32> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) / p.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         if p.top_p < 1.0 {
@@ -133,7 +151,10 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, ..Default::default() }
+        SamplingParams {
+            temperature,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -141,7 +162,10 @@ mod tests {
         let mut s = Sampler::new(params(0.0), Some(0)).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
         let mut s = Sampler::new(
-            SamplingParams { repetition_penalty: 2.0, ..params(0.0) },
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..params(0.0)
+            },
             Some(0),
         )
         .unwrap();
@@ -152,7 +176,14 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_repeats() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.0) }, Some(3)).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 1,
+                ..params(1.0)
+            },
+            Some(3),
+        )
+        .unwrap();
         assert_eq!(s.sample(&logits, &[]), argmax(&logits));
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0), Some(seed)).unwrap();
@@ -166,15 +197,36 @@ mod tests {
     fn top_p_and_min_p_restrict_support() {
         // probs ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) }, Some(1)).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                ..params(1.0)
+            },
+            Some(1),
+        )
+        .unwrap();
         assert!((0..100).all(|_| s.sample(&logits, &[]) == 0));
-        let mut s = Sampler::new(SamplingParams { min_p: 0.3, ..params(1.0) }, Some(1)).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 0.3,
+                ..params(1.0)
+            },
+            Some(1),
+        )
+        .unwrap();
         assert!((0..200).all(|_| s.sample(&logits, &[]) <= 1));
     }
 
     #[test]
     fn rejects_bad_params() {
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..params(1.0) }, None).is_err());
+        assert!(Sampler::new(
+            SamplingParams {
+                top_p: 0.0,
+                ..params(1.0)
+            },
+            None
+        )
+        .is_err());
         assert!(Sampler::new(params(-1.0), None).is_err());
     }
 }

@@ -77,9 +77,13 @@ impl Weights {
             }
             files.push((path, st));
         }
-        Ok(Self { files, routing, device: device.clone(), dtype })
+        Ok(Self {
+            files,
+            routing,
+            device: device.clone(),
+            dtype,
+        })
     }
-
 
     /// The dtype tensors are converted to on load.
     pub fn set_dtype(&mut self, dtype: DType) {
@@ -118,13 +122,16 @@ impl Weights {
                 expected: shape.to_vec(),
             });
         }
-        let stored = DType::try_from(view.dtype()).ok().filter(|d| {
-            matches!(d, DType::F32 | DType::F16 | DType::BF16)
-        });
+        let stored = DType::try_from(view.dtype())
+            .ok()
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16));
         if stored.is_none() {
             return Err(Error::Weights {
                 path: path.clone(),
-                msg: format!("tensor {name:?} has dtype {:?}; expected F32, F16 or BF16", view.dtype()),
+                msg: format!(
+                    "tensor {name:?} has dtype {:?}; expected F32, F16 or BF16",
+                    view.dtype()
+                ),
             });
         }
         // Load on the CPU first, convert there, then move: avoids a second full-size copy of
@@ -153,7 +160,9 @@ impl WeightSource for Weights {
             .and_then(|&i| self.files[i].1.get(name).ok())
             .and_then(|v| DType::try_from(v.dtype()).ok());
         match stored {
-            Some(s @ (DType::BF16 | DType::F16)) if self.device.is_cpu() && self.dtype == DType::F32 => {
+            Some(s @ (DType::BF16 | DType::F16))
+                if self.device.is_cpu() && self.dtype == DType::F32 =>
+            {
                 self.get_as(name, shape, s)
             }
             _ => self.get(name, shape),
@@ -169,20 +178,31 @@ impl WeightSource for Weights {
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| Error::Weights { path: index.clone(), msg: e.to_string() })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Weights { path: index.clone(), msg: format!("invalid JSON: {e}") })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            Error::Weights { path: index.clone(), msg: "no \"weight_map\" object".into() }
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::Weights {
+            path: index.clone(),
+            msg: e.to_string(),
         })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+            path: index.clone(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                msg: "no \"weight_map\" object".into(),
+            })?;
         let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
         for f in &files {
             if !f.is_file() {
-                return Err(Error::NotFound { what: "weight shard", path: f.clone() });
+                return Err(Error::NotFound {
+                    what: "weight shard",
+                    path: f.clone(),
+                });
             }
         }
         return Ok(files);
@@ -192,12 +212,18 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let mut any: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|_| Error::NotFound { what: "model directory", path: dir.into() })?
+        .map_err(|_| Error::NotFound {
+            what: "model directory",
+            path: dir.into(),
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     if any.is_empty() {
-        return Err(Error::NotFound { what: "safetensors weights (model.safetensors)", path: dir.into() });
+        return Err(Error::NotFound {
+            what: "safetensors weights (model.safetensors)",
+            path: dir.into(),
+        });
     }
     any.sort();
     Ok(any)
@@ -208,9 +234,15 @@ fn describe_safetensors_error(e: &candle_core::Error) -> String {
     let l = s.to_ascii_lowercase();
     // safetensors reports a short file as "incomplete metadata, file not fully covered",
     // "header too small" or a bad header length/offset, depending on where it was cut.
-    if ["incomplete", "too small", "header length", "offset", "not fully covered"]
-        .iter()
-        .any(|k| l.contains(k))
+    if [
+        "incomplete",
+        "too small",
+        "header length",
+        "offset",
+        "not fully covered",
+    ]
+    .iter()
+    .any(|k| l.contains(k))
     {
         format!("the file is truncated or corrupt ({s})")
     } else {

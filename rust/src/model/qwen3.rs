@@ -33,7 +33,12 @@ impl Linear {
     }
 
     /// Loads `names` (each `[out_i, in]`) and stacks them along the output dimension.
-    fn fused(w: &impl WeightSource, names: &[(&str, usize)], d_in: usize, bias: bool) -> Result<Self> {
+    fn fused(
+        w: &impl WeightSource,
+        names: &[(&str, usize)],
+        d_in: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let ws = names
             .iter()
             .map(|(n, out)| w.get_matrix(&format!("{n}.weight"), &[*out, d_in]))
@@ -47,7 +52,10 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w: Tensor::cat(&ws, 0)?, b })
+        Ok(Self {
+            w: Tensor::cat(&ws, 0)?,
+            b,
+        })
     }
 
     fn tensors(&self) -> impl Iterator<Item = &Tensor> {
@@ -82,7 +90,12 @@ pub struct Qwen3 {
 }
 
 impl Qwen3 {
-    pub fn load(cfg: &ModelConfig, w: &impl WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &impl WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (qw, kvw) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -95,7 +108,11 @@ impl Qwen3 {
                 input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv: Linear::fused(
                     w,
-                    &[(&format!("{a}.q_proj"), qw), (&format!("{a}.k_proj"), kvw), (&format!("{a}.v_proj"), kvw)],
+                    &[
+                        (&format!("{a}.q_proj"), qw),
+                        (&format!("{a}.k_proj"), kvw),
+                        (&format!("{a}.v_proj"), kvw),
+                    ],
                     h,
                     cfg.attention_bias,
                 )?,
@@ -105,17 +122,29 @@ impl Qwen3 {
                 post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up: Linear::fused(
                     w,
-                    &[(&format!("{m}.gate_proj"), cfg.intermediate_size), (&format!("{m}.up_proj"), cfg.intermediate_size)],
+                    &[
+                        (&format!("{m}.gate_proj"), cfg.intermediate_size),
+                        (&format!("{m}.up_proj"), cfg.intermediate_size),
+                    ],
                     h,
                     false,
                 )?,
-                down: Linear::fused(w, &[(&format!("{m}.down_proj"), h)], cfg.intermediate_size, false)?,
+                down: Linear::fused(
+                    w,
+                    &[(&format!("{m}.down_proj"), h)],
+                    cfg.intermediate_size,
+                    false,
+                )?,
             });
         }
         let norm = w.get("model.norm.weight", &[h])?;
         // Tied checkpoints usually omit lm_head.weight; some ship it anyway.
         let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
-        let lm_head = if tied { embed.clone() } else { w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])? };
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
+        };
         let mut all: Vec<&Tensor> = vec![&embed, &norm];
         if !tied {
             all.push(&lm_head);
@@ -126,7 +155,10 @@ impl Qwen3 {
             all.extend(l.gate_up.tensors().chain(l.down.tensors()));
         }
         let params = all.iter().map(|t| t.elem_count()).sum();
-        let weight_bytes = all.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        let weight_bytes = all
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -171,12 +203,29 @@ impl Qwen3 {
     /// Runs `ids` through the decoder, appending their keys/values to `cache`; returns the final
     /// normalised hidden states `[t, hidden]`.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_capture(ids, cache, None)
+    }
+
+    /// [`Qwen3::forward`] that also hands back each layer's queries `[n_heads, t, head_dim]`
+    /// after QK-norm and RoPE (unscaled): the reference queries compaction fits against.
+    pub fn forward_capture(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        mut queries: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let t = ids.len();
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
-        let (cos, sin) = self.rope.tables(cache.next_position(), t, self.dtype, &self.device)?;
+        let (cos, sin) = self
+            .rope
+            .tables(cache.next_position(), t, self.dtype, &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
+            let (y, q) = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
+            if let Some(qs) = queries.as_deref_mut() {
+                qs.push(q);
+            }
+            x = y;
         }
         cache.advance(t);
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
@@ -190,7 +239,7 @@ impl Qwen3 {
         sin: &Tensor,
         cache: &mut KvCache,
         l: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let c = &self.cfg;
         let (t, d) = (x.dim(0)?, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -198,9 +247,18 @@ impl Qwen3 {
 
         let h = rms_norm(x, &layer.input_norm, eps)?;
         let qkv = layer.qkv.forward(&h)?;
-        let q = qkv.narrow(1, 0, nh * d)?.contiguous()?.reshape((t, nh, d))?;
-        let k = qkv.narrow(1, nh * d, nkv * d)?.contiguous()?.reshape((t, nkv, d))?;
-        let v = qkv.narrow(1, (nh + nkv) * d, nkv * d)?.contiguous()?.reshape((t, nkv, d))?;
+        let q = qkv
+            .narrow(1, 0, nh * d)?
+            .contiguous()?
+            .reshape((t, nh, d))?;
+        let k = qkv
+            .narrow(1, nh * d, nkv * d)?
+            .contiguous()?
+            .reshape((t, nkv, d))?;
+        let v = qkv
+            .narrow(1, (nh + nkv) * d, nkv * d)?
+            .contiguous()?
+            .reshape((t, nkv, d))?;
         // QK-norm per head, then RoPE, both before the cache: cached keys are final.
         let q = to_heads(&rms_norm(&q, &layer.q_norm, eps)?)?;
         let k = to_heads(&rms_norm(&k, &layer.k_norm, eps)?)?;
@@ -216,7 +274,7 @@ impl Qwen3 {
         let gu = layer.gate_up.forward(&h)?;
         let f = c.intermediate_size;
         let m = (gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?;
-        Ok((x + layer.down.forward(&m)?)?)
+        Ok(((x + layer.down.forward(&m)?)?, q))
     }
 
     /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.

@@ -19,7 +19,13 @@ impl Rope {
     }
 
     /// `(cos, sin)`, each `[t, d/2]` in `dtype`, for positions `start..start + t`.
-    pub fn tables(&self, start: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        start: usize,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
