@@ -2,7 +2,9 @@
 //! the ragged cache. This is the plumbing every method shares (Attention Matching and the
 //! baselines); the selection rules live in [`select`].
 
+pub mod fit;
 pub mod select;
+pub mod solve;
 
 use candle_core::Tensor;
 
