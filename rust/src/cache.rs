@@ -168,6 +168,10 @@ impl KvCache {
         self.dtype
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn head(&self, layer: usize, head: usize) -> &HeadCache {
         &self.layers[layer].heads[head]
     }

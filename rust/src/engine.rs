@@ -6,6 +6,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::cache::KvCache;
+use crate::compact::pipeline::{
+    apply_layer, global_counts, score_layer, uniform_counts, HeadBudgets, HeadOutcome,
+    LayerQueries, Method, Options, QuerySource, Scored,
+};
 use crate::config::ModelConfig;
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
@@ -30,6 +34,27 @@ pub struct Engine {
     /// f32 logits after the last cached token (None for an empty cache).
     last_logits: Option<Vec<f32>>,
     history: Vec<u32>,
+    /// How many of the newest tokens are still exact in every head (not compacted): the ones
+    /// whose queries can be recomputed by re-running them.
+    exact_tail: usize,
+}
+
+/// What one compaction did (see [`Engine::compact`]).
+#[derive(Debug, Clone)]
+pub struct CompactReport {
+    pub tokens_before: Vec<Vec<usize>>,
+    pub tokens_after: Vec<Vec<usize>>,
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+    /// Running the model for reference queries (capture passes, on-policy pass).
+    pub seconds_queries: f64,
+    /// Scoring, selection, fits and rewriting the cache.
+    pub seconds_fit: f64,
+    /// Per `[layer][kv_head]`; fidelity is None where no reference queries were used or the
+    /// head was left as is.
+    pub heads: Vec<Vec<HeadOutcome>>,
+    /// Reference-query tokens the run used (before per-head subsampling).
+    pub query_tokens: usize,
 }
 
 impl Engine {
@@ -98,6 +123,7 @@ impl Engine {
             cache,
             last_logits: None,
             history: Vec::new(),
+            exact_tail: 0,
         })
     }
 
@@ -121,6 +147,7 @@ impl Engine {
         self.cache.reset()?;
         self.last_logits = None;
         self.history.clear();
+        self.exact_tail = 0;
         Ok(())
     }
 
@@ -156,6 +183,7 @@ impl Engine {
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let hidden = self.model.forward(chunk, &mut self.cache)?;
             self.history.extend_from_slice(chunk);
+            self.exact_tail += chunk.len();
             if want == LogitsWant::All {
                 all.extend(
                     self.model
@@ -191,6 +219,7 @@ impl Engine {
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let hidden = self.model.forward(chunk, &mut self.cache)?;
             self.history.extend_from_slice(chunk);
+            self.exact_tail += chunk.len();
             let logp = candle_nn::ops::log_softmax(&self.model.logits(&hidden)?, D::Minus1)?;
             // Row i predicts ids[offset + i + 1].
             let targets: Vec<u32> =
@@ -220,6 +249,226 @@ impl Engine {
         let id = sampler.sample(logits, &self.history);
         self.prefill_inner(&[id], LogitsWant::None)?;
         Ok(id)
+    }
+}
+
+/// Compaction: reference queries come from running the model; the pipeline does the rest.
+impl Engine {
+    /// Compacts the cache in place. `suffix`: the token ids of the repeat prompt (instruction +
+    /// context), needed by `am` with repeat queries and by `kvzip`. On a bad argument the cache
+    /// is left unchanged. Tokens appended later get bias 0 and continue the original positions.
+    pub fn compact(&mut self, opts: &Options, suffix: Option<&[u32]>) -> Result<CompactReport> {
+        crate::threads::install(|| self.compact_inner(opts, suffix))
+    }
+
+    fn validate(&self, opts: &Options, suffix: Option<&[u32]>) -> Result<Vec<usize>> {
+        let n_layers = self.cache.n_layers();
+        if self.cache.next_position() == 0 {
+            return Err(Error::invalid(
+                "cannot compact an empty cache: prefill a context first",
+            ));
+        }
+        let layers: Vec<usize> = match &opts.layers {
+            Some(ls) => {
+                if ls.is_empty() || ls.iter().any(|&l| l >= n_layers) {
+                    return Err(Error::invalid(format!(
+                        "layers must be a non-empty list of indices below {n_layers}, got {ls:?}"
+                    )));
+                }
+                ls.clone()
+            }
+            None => (0..n_layers).collect(),
+        };
+        crate::compact::check_budget(opts.budget, opts.sink, opts.recent)?;
+        let tokens = self.cache.tokens_per_head();
+        let heads: Vec<usize> = layers.iter().flat_map(|&l| tokens[l].clone()).collect();
+        let mean = heads.iter().sum::<usize>() as f64 / heads.len() as f64;
+        if opts.budget as f64 >= mean {
+            return Err(Error::invalid(format!(
+                "budget {} must be below the cache length ({mean:.0} tokens per head)",
+                opts.budget
+            )));
+        }
+        if let HeadBudgets::PerHead(b) = &opts.head_budgets {
+            let n_kv = self.cache.n_kv_heads();
+            if b.len() != n_layers || b.iter().any(|r| r.len() != n_kv) {
+                return Err(Error::invalid(format!(
+                    "head budgets must be a [{n_layers}][{n_kv}] table of keys per head"
+                )));
+            }
+        }
+        if opts.method.needs_queries() {
+            match self.query_tail(opts) {
+                Some(w) if w > self.exact_tail => {
+                    return Err(Error::invalid(format!(
+                        "{:?} needs the queries of the last {w} tokens, but only the last {} are \
+                         still exact (the cache was compacted); use queries=\"repeat\"",
+                        opts.method, self.exact_tail
+                    )))
+                }
+                None if suffix.is_none_or(<[u32]>::is_empty) => {
+                    return Err(Error::invalid(
+                        "repeat queries need a non-empty suffix of token ids",
+                    ))
+                }
+                None => self.check_ids(suffix.unwrap())?,
+                _ => {}
+            }
+        }
+        Ok(layers)
+    }
+
+    /// For methods that score with the context's own queries: how many of the newest tokens
+    /// to re-run (None: the method uses the repeat suffix).
+    fn query_tail(&self, opts: &Options) -> Option<usize> {
+        let n = self.cache.next_position();
+        match opts.method {
+            Method::Am if opts.queries == QuerySource::Context => Some(n),
+            Method::H2o => Some(n),
+            Method::SnapKv => Some(opts.window.min(n)),
+            Method::Tova => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Runs `ids` on top of the cache capturing every layer's queries `[n_heads, s, d]`; the
+    /// tokens stay in the cache.
+    fn capture(&mut self, ids: &[u32]) -> Result<Vec<Tensor>> {
+        let mut per_layer: Vec<Vec<Tensor>> = vec![Vec::new(); self.cache.n_layers()];
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let mut qs = Vec::new();
+            self.model
+                .forward_capture(chunk, &mut self.cache, Some(&mut qs))?;
+            for (l, q) in qs.into_iter().enumerate() {
+                per_layer[l].push(q);
+            }
+        }
+        per_layer.iter().map(|qs| Ok(Tensor::cat(qs, 1)?)).collect()
+    }
+
+    fn compact_inner(&mut self, opts: &Options, suffix: Option<&[u32]>) -> Result<CompactReport> {
+        let layers = self.validate(opts, suffix)?;
+        let scale = 1.0 / (self.cache.head_dim() as f32).sqrt();
+        let tokens_before = self.cache.tokens_per_head();
+        let bytes_before = self.cache.bytes_used();
+        let n_layers = self.cache.n_layers();
+        let mut outcomes = vec![vec![HeadOutcome::default(); self.cache.n_kv_heads()]; n_layers];
+        let (mut t_queries, mut t_fit) = (0f64, 0f64);
+        let clock = std::time::Instant::now;
+        let tail = opts
+            .method
+            .needs_queries()
+            .then(|| self.query_tail(opts))
+            .flatten();
+        let causal = tail.is_some();
+        let counts_for = |l: usize, scored: &[Scored], global: &Option<Vec<Vec<usize>>>| match &opts
+            .head_budgets
+        {
+            HeadBudgets::PerHead(b) => b[l]
+                .iter()
+                .zip(scored)
+                .map(|(&b, s)| {
+                    b.saturating_sub(opts.sink + opts.recent)
+                        .min(s.middle(opts))
+                })
+                .collect(),
+            HeadBudgets::Global if opts.method.needs_queries() => {
+                global.as_ref().expect("global counts computed first")[l].clone()
+            }
+            _ => uniform_counts(scored, opts),
+        };
+        let mut query_tokens = 0;
+
+        // Off-policy reference queries: the context's own tail, or the repeat suffix when the
+        // run is off-policy or a global allocation must see every layer before any fit.
+        let on_policy = opts.method == Method::Am && tail.is_none() && opts.on_policy;
+        let global_needed = opts.method.needs_queries() && opts.head_budgets == HeadBudgets::Global;
+        let mut queries: Option<Vec<Tensor>> = None;
+        if opts.method.needs_queries() && (!on_policy || global_needed) {
+            let t0 = clock();
+            queries = Some(match tail {
+                Some(w) => {
+                    let ids = self.history[self.history.len() - w..].to_vec();
+                    self.cache.truncate_last(w)?;
+                    query_tokens = w;
+                    self.capture(&ids)?
+                }
+                None => {
+                    let s = suffix.expect("validated");
+                    query_tokens = s.len();
+                    let qs = self.capture(s)?;
+                    self.cache.truncate_last(s.len())?;
+                    qs
+                }
+            });
+            t_queries += t0.elapsed().as_secs_f64();
+        }
+        let t0 = clock();
+        let global = if global_needed {
+            let qs = queries.as_ref().expect("captured");
+            let scored = (0..n_layers)
+                .map(|l| {
+                    if !layers.contains(&l) {
+                        return Ok(Vec::new());
+                    }
+                    let lq = LayerQueries { q: &qs[l], causal };
+                    score_layer(&self.cache, l, Some(&lq), opts, scale, false)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(global_counts(&scored, opts))
+        } else {
+            None
+        };
+        t_fit += t0.elapsed().as_secs_f64();
+
+        if on_policy {
+            let s = suffix.expect("validated");
+            query_tokens = s.len();
+            let t0 = clock();
+            let mut fit_time = 0f64;
+            let mut hook = |l: usize, q: &Tensor, cache: &mut KvCache| -> Result<()> {
+                if !layers.contains(&l) {
+                    return Ok(());
+                }
+                let t1 = clock();
+                let lq = LayerQueries { q, causal: false };
+                let scored = score_layer(cache, l, Some(&lq), opts, scale, true)?;
+                let counts = counts_for(l, &scored, &global);
+                outcomes[l] = apply_layer(cache, l, scored, &counts, opts)?;
+                fit_time += t1.elapsed().as_secs_f64();
+                Ok(())
+            };
+            self.model
+                .forward_layerwise(s, &mut self.cache, PREFILL_CHUNK, &mut hook)?;
+            self.cache.truncate_last(s.len())?;
+            t_fit += fit_time;
+            t_queries += t0.elapsed().as_secs_f64() - fit_time;
+        } else {
+            let t0 = clock();
+            for &l in &layers {
+                let lq = queries
+                    .as_ref()
+                    .map(|qs| LayerQueries { q: &qs[l], causal });
+                let scored = score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?;
+                let counts = counts_for(l, &scored, &global);
+                outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts)?;
+            }
+            t_fit += t0.elapsed().as_secs_f64();
+        }
+        let tokens_after = self.cache.tokens_per_head();
+        if tokens_after != tokens_before {
+            self.exact_tail = self.exact_tail.min(opts.recent);
+        }
+        Ok(CompactReport {
+            tokens_before,
+            tokens_after,
+            bytes_before,
+            bytes_after: self.cache.bytes_used(),
+            seconds_queries: t_queries,
+            seconds_fit: t_fit,
+            heads: outcomes,
+            query_tokens,
+        })
     }
 }
 

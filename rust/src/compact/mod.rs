@@ -3,6 +3,7 @@
 //! baselines); the selection rules live in [`select`].
 
 pub mod fit;
+pub mod pipeline;
 pub mod select;
 pub mod solve;
 

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 /// Query-free baselines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Baseline {
-    /// StreamingLLM: the sink and the most recent keys, nothing from the middle.
+    /// StreamingLLM: the sink and the most recent keys that fit the budget.
     Streaming,
     /// Evenly spaced middle keys.
     Uniform,
@@ -25,7 +25,7 @@ pub fn baseline(n: usize, budget: usize, sink: usize, recent: usize, rule: Basel
     let mid = hi - lo;
     let take = budget.saturating_sub(sink + recent).min(mid);
     let mut picked: Vec<usize> = match rule {
-        Baseline::Streaming => Vec::new(),
+        Baseline::Streaming => (hi - take..hi).collect(),
         Baseline::Uniform => (0..take)
             .map(|i| lo + (2 * i + 1) * mid / (2 * take))
             .collect(),
@@ -60,6 +60,88 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// How a key's attention from many reference queries is pooled into one score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Root mean square of the softmax weights (Attention Matching's default).
+    Rms,
+    /// Largest weight any query gives the key (KVzip; AM's `score="max"`).
+    Max,
+    /// Sum of the weights (H2O's accumulated attention).
+    Sum,
+    /// Mean of the weights (SnapKV's window, TOVA's last query).
+    Mean,
+}
+
+/// Per-key scores from transposed logits `[n, m]` (column r: query r over all n keys of the
+/// head). Each column is softmaxed over its visible keys; `visible[r]` (causal sources) limits
+/// query r to keys `0..visible[r]`.
+pub fn key_scores(logits_t: faer::MatRef<f32>, pool: Pool, visible: Option<&[usize]>) -> Vec<f32> {
+    let (n, m) = logits_t.shape();
+    let mut acc = vec![0f64; n];
+    let mut p = vec![0f64; n];
+    for r in 0..m {
+        let upto = visible.map_or(n, |v| v[r].min(n));
+        let col = logits_t.col(r);
+        let max = (0..upto).map(|j| col[j]).fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0f64;
+        for j in 0..upto {
+            p[j] = ((col[j] - max) as f64).exp();
+            s += p[j];
+        }
+        for j in 0..upto {
+            let x = p[j] / s;
+            match pool {
+                Pool::Rms => acc[j] += x * x,
+                Pool::Max => acc[j] = acc[j].max(x),
+                Pool::Sum | Pool::Mean => acc[j] += x,
+            }
+        }
+    }
+    let m = m.max(1) as f64;
+    acc.into_iter()
+        .map(|a| match pool {
+            Pool::Rms => (a / m).sqrt() as f32,
+            Pool::Mean => (a / m) as f32,
+            Pool::Max | Pool::Sum => a as f32,
+        })
+        .collect()
+}
+
+/// Centred moving average of width `kernel` (SnapKV's pooling: keeps neighbours of a strong
+/// key together); the window shrinks at the edges.
+pub fn avg_pool(scores: &[f32], kernel: usize) -> Vec<f32> {
+    let half = kernel / 2;
+    (0..scores.len())
+        .map(|i| {
+            let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(scores.len()));
+            scores[lo..hi].iter().sum::<f32>() / (hi - lo) as f32
+        })
+        .collect()
+}
+
+/// Splits a pool of `total` keys across heads by one global top-k over every head's scores:
+/// head `i` gets as many keys as it has among the `total` best. Returns counts per head.
+pub fn allocate(scores: &[&[f32]], total: usize) -> Vec<usize> {
+    let mut all: Vec<(f32, u32)> = scores
+        .iter()
+        .enumerate()
+        .flat_map(|(h, s)| s.iter().map(move |&x| (x, h as u32)))
+        .collect();
+    let total = total.min(all.len());
+    let mut counts = vec![0; scores.len()];
+    if total == 0 {
+        return counts;
+    }
+    if total < all.len() {
+        all.select_nth_unstable_by(total - 1, |a, b| b.0.total_cmp(&a.0));
+    }
+    for &(_, h) in &all[..total] {
+        counts[h as usize] += 1;
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,7 +157,7 @@ mod tests {
         let s = baseline(100, 20, 4, 8, Baseline::Streaming);
         assert_eq!(
             s,
-            [(0..4).collect::<Vec<u32>>(), (92..100).collect()].concat()
+            [(0..4).collect::<Vec<u32>>(), (84..100).collect()].concat()
         );
         assert_eq!(
             baseline(10, 12, 4, 8, Baseline::Uniform),
@@ -93,6 +175,47 @@ mod tests {
         let u = baseline(100, 20, 4, 8, Baseline::Uniform);
         let mid: Vec<u32> = u.into_iter().filter(|&i| (4..92).contains(&i)).collect();
         assert!(mid.windows(2).all(|w| w[1] - w[0] == 11), "{mid:?}");
+    }
+
+    #[test]
+    fn scores_pool_softmax_weights() {
+        // Two queries over three keys; the second sees only the first two keys (causal).
+        let lt = faer::Mat::<f32>::from_fn(3, 2, |j, r| [[0.0, 0.0], [1.0, 0.0], [2.0, 5.0]][j][r]);
+        let e = |x: f64| x.exp();
+        let p0 = [
+            1.0 / (1.0 + e(1.0) + e(2.0)),
+            e(1.0) / (1.0 + e(1.0) + e(2.0)),
+            e(2.0) / (1.0 + e(1.0) + e(2.0)),
+        ];
+        let sum = key_scores(lt.as_ref(), Pool::Sum, Some(&[3, 2]));
+        let want = [p0[0] + 0.5, p0[1] + 0.5, p0[2]];
+        assert!(
+            sum.iter()
+                .zip(want)
+                .all(|(a, b)| (*a as f64 - b).abs() < 1e-6),
+            "{sum:?}"
+        );
+        let max = key_scores(lt.as_ref(), Pool::Max, None);
+        assert!(
+            (max[2] as f64 - 1.0 / (1.0 + 2.0 * e(-5.0))).abs() < 1e-6,
+            "{max:?}"
+        );
+        let rms = key_scores(lt.as_ref(), Pool::Rms, Some(&[3, 2]));
+        assert!((rms[1] as f64 - ((p0[1].powi(2) + 0.25) / 2.0).sqrt()).abs() < 1e-6);
+        assert_eq!(
+            avg_pool(&[3.0, 0.0, 0.0, 0.0, 6.0], 3),
+            vec![1.5, 1.0, 0.0, 2.0, 3.0]
+        );
+    }
+
+    #[test]
+    fn allocation_follows_the_global_top_k() {
+        let a = [0.9f32, 0.8, 0.1];
+        let b = [0.5f32, 0.05];
+        let c = [0.01f32];
+        assert_eq!(allocate(&[&a, &b, &c], 3), vec![2, 1, 0]);
+        assert_eq!(allocate(&[&a, &b, &c], 10), vec![3, 2, 1]);
+        assert_eq!(allocate(&[&a, &b, &c], 0), vec![0, 0, 0]);
     }
 
     #[test]

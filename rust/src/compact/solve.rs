@@ -3,8 +3,9 @@
 //!   normal equations (G = A^T A, h = A^T b), with a KKT convergence test;
 //! - [`ridge_lstsq`]: min ||P X - Y||_F^2 + lambda ||X||_F^2 by Cholesky of P^T P + lambda I.
 
+use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
+use faer::{Accum, Mat, MatRef, Par, Side};
 
 use crate::error::{Error, Result};
 
@@ -112,33 +113,41 @@ pub fn nnls(g: &[f64], h: &[f64], t: usize, max_iter: usize) -> Result<Nnls> {
     })
 }
 
-/// `X [t, d]` minimising `||P X - Y||^2 + lambda ||X||^2`, `P [m, t]`, `Y [m, d]` row-major.
-pub fn ridge_lstsq(
-    p: &[f64],
-    y: &[f64],
-    m: usize,
-    t: usize,
-    d: usize,
-    lambda: f64,
-) -> Result<Vec<f64>> {
-    if p.len() != m * t || y.len() != m * d {
-        return Err(Error::invalid("ridge_lstsq: P must be m x t and Y m x d"));
+/// `X [t, d]` minimising `||P X - Y||^2 + lambda ||X||^2` with `P [m, t]`, `Y [m, d]` and
+/// `lambda = ridge * mean(diag(P^T P))` (so `ridge` is relative to the problem's scale).
+pub fn ridge_lstsq(p: MatRef<f64>, y: MatRef<f64>, ridge: f64) -> Result<Mat<f64>> {
+    let (m, t) = p.shape();
+    if y.nrows() != m {
+        return Err(Error::invalid(
+            "ridge_lstsq: P and Y need the same number of rows",
+        ));
     }
-    let pm = Mat::<f64>::from_fn(m, t, |i, j| p[i * t + j]);
-    let ym = Mat::<f64>::from_fn(m, d, |i, j| y[i * d + j]);
-    let mut gram = pm.transpose() * &pm;
+    let mut gram = Mat::<f64>::zeros(t, t);
+    matmul(
+        gram.as_mut(),
+        Accum::Replace,
+        p.transpose(),
+        p,
+        1.0,
+        Par::Seq,
+    );
+    let lambda = ridge * (0..t).map(|i| gram[(i, i)]).sum::<f64>() / t.max(1) as f64;
     for i in 0..t {
         gram[(i, i)] += lambda;
     }
-    let rhs = pm.transpose() * &ym;
+    let mut rhs = Mat::<f64>::zeros(t, y.ncols());
+    matmul(
+        rhs.as_mut(),
+        Accum::Replace,
+        p.transpose(),
+        y,
+        1.0,
+        Par::Seq,
+    );
     let llt = gram.llt(Side::Lower).map_err(|_| {
         Error::invalid("ridge_lstsq: P^T P + lambda I is not positive definite; raise the ridge")
     })?;
-    let x = llt.solve(&rhs);
-    Ok((0..t)
-        .flat_map(|i| (0..d).map(move |j| (i, j)))
-        .map(|(i, j)| x[(i, j)])
-        .collect())
+    Ok(llt.solve(&rhs))
 }
 
 #[cfg(test)]
@@ -204,11 +213,14 @@ mod tests {
             .flat_map(|r| (0..d).map(move |c| (r, c)))
             .map(|(r, c)| (0..t).map(|i| p[r * t + i] * x[i * d + c]).sum())
             .collect();
-        let got = ridge_lstsq(&p, &y, m, t, d, 0.0)?;
-        assert!(got.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-8));
-        let shrunk = ridge_lstsq(&p, &y, m, t, d, 100.0)?;
+        let pm = MatRef::from_row_major_slice(&p, m, t);
+        let ym = MatRef::from_row_major_slice(&y, m, d);
+        let got = ridge_lstsq(pm, ym, 0.0)?;
+        let flat = |a: &Mat<f64>| -> Vec<f64> { (0..t * d).map(|i| a[(i / d, i % d)]).collect() };
+        assert!(flat(&got).iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-8));
+        let shrunk = ridge_lstsq(pm, ym, 1.0)?;
         let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
-        assert!(norm(&shrunk) < norm(&got));
+        assert!(norm(&flat(&shrunk)) < norm(&flat(&got)));
         Ok(())
     }
 }

@@ -231,15 +231,55 @@ impl Qwen3 {
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
     }
 
-    fn layer_forward(
+    /// Runs `ids` layer by layer (all tokens through layer `l` before layer `l + 1`) and calls
+    /// `hook(l, q, cache)` with layer `l`'s queries `[n_heads, t, head_dim]` before the new
+    /// keys are appended to that layer. On-policy compaction uses the hook to compact layer `l`
+    /// while layers `0..l` are already compacted: one pass, not one per layer. Attention runs in
+    /// chunks of `chunk` queries; the final norm and LM head are skipped (only queries matter).
+    pub fn forward_layerwise(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        chunk: usize,
+        hook: &mut dyn FnMut(usize, &Tensor, &mut KvCache) -> Result<()>,
+    ) -> Result<()> {
+        let t = ids.len();
+        let d = self.cfg.head_dim;
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self
+            .rope
+            .tables(cache.next_position(), t, self.dtype, &self.device)?;
+        let last = self.layers.len() - 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
+            hook(l, &q, cache)?;
+            let mut outs = Vec::new();
+            for start in (0..t).step_by(chunk.max(1)) {
+                let len = chunk.min(t - start);
+                cache.append(l, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
+                if l < last {
+                    let qc = q.narrow(1, start, len)?;
+                    outs.push(attend(&qc, &cache.layers[l], 1.0 / (d as f64).sqrt())?);
+                }
+            }
+            if l < last {
+                x = self.finish(layer, &x, &Tensor::cat(&outs, 1)?)?;
+            }
+        }
+        cache.advance(t);
+        Ok(())
+    }
+
+    /// Queries `[n_heads, t, d]`, keys and values `[n_kv, t, d]` of one layer, QK-normed and
+    /// rotated: cached keys are final.
+    fn qkv(
         &self,
         layer: &Layer,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: &mut KvCache,
-        l: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.cfg;
         let (t, d) = (x.dim(0)?, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -259,22 +299,43 @@ impl Qwen3 {
             .narrow(1, (nh + nkv) * d, nkv * d)?
             .contiguous()?
             .reshape((t, nkv, d))?;
-        // QK-norm per head, then RoPE, both before the cache: cached keys are final.
         let q = to_heads(&rms_norm(&q, &layer.q_norm, eps)?)?;
         let k = to_heads(&rms_norm(&k, &layer.k_norm, eps)?)?;
         let q = rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
         let k = rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-        cache.append(l, &k, &to_heads(&v)?)?;
+        Ok((q, k, to_heads(&v)?))
+    }
 
-        let attn = attend(&q, &cache.layers[l], 1.0 / (d as f64).sqrt())?;
+    /// The rest of a layer after attention `[n_heads, t, d]`: output projection, residual, MLP.
+    fn finish(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (t, d, nh) = (x.dim(0)?, c.head_dim, c.num_attention_heads);
         let attn = attn.transpose(0, 1)?.contiguous()?.reshape((t, nh * d))?;
         let x = (x + layer.o_proj.forward(&attn)?)?;
-
-        let h = rms_norm(&x, &layer.post_norm, eps)?;
+        let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps as f32)?;
         let gu = layer.gate_up.forward(&h)?;
         let f = c.intermediate_size;
         let m = (gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?;
-        Ok(((x + layer.down.forward(&m)?)?, q))
+        Ok((x + layer.down.forward(&m)?)?)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        l: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = self.qkv(layer, x, cos, sin)?;
+        cache.append(l, &k, &v)?;
+        let attn = attend(
+            &q,
+            &cache.layers[l],
+            1.0 / (self.cfg.head_dim as f64).sqrt(),
+        )?;
+        Ok((self.finish(layer, x, &attn)?, q))
     }
 
     /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.
