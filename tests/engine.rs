@@ -239,7 +239,7 @@ mod compaction {
         // The global pool spends the same total as a uniform budget (sink and recent included).
         assert!(tokens <= budget * 8 && tokens + 8 >= budget * 8, "{tokens}");
         let mut no_fit = opts(Method::Am, budget);
-        no_fit.fit = false;
+        no_fit.fit = _native::compact::pipeline::Fit::None;
         let mut cases = vec![("am fit=none", no_fit)];
         for m in [
             Method::Streaming,

@@ -78,6 +78,31 @@ class Engine:
         Each step of the returned iterator samples one token, appends it to the cache and
         yields its id; it stops after an EOS id (which is yielded and cached) or
         `max_new_tokens` ids."""
+    def compact(
+        self,
+        budget: int,
+        *,
+        method: str = "am",
+        queries: str = "repeat",
+        suffix: list[int] | None = None,
+        sink: int = 4,
+        recent: int = 64,
+        head_budgets: str | list[list[int]] | None = None,
+        fit: str = "am",
+        layers: list[int] | None = None,
+        seed: int = 0,
+        score: str = "rms",
+        ridge: float = 1e-6,
+        max_queries: int = 4096,
+        on_policy: bool = True,
+        window: int = 64,
+        kernel: int = 5,
+        beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+    ) -> dict[str, Any]:
+        """Compact the cache to `budget` keys per head on average; returns a report dict
+        (tokens_before/after per [layer][head], bytes_before/after, seconds_queries,
+        seconds_fit, query_tokens, fidelity [layer][head] -> (mass, output) rel. errors or
+        None, nnls_converged). `suffix`: the repeat prompt's ids (am/repeat, kvzip)."""
     def reset(self) -> None: ...
     def cache_info(self) -> dict[str, Any]:
         """{"tokens": int, "layers": int, "kv_heads": int, "head_dim": int, "dtype": str,

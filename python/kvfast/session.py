@@ -18,6 +18,14 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from kvfast import _native, chat
+from kvfast.compaction import (
+    METHODS,
+    QUERY_SOURCES,
+    REPEAT_INSTRUCTION,
+    CompactionReport,
+    load_head_budgets,
+    resolve_budget,
+)
 from kvfast.detok import stream_text
 from kvfast.hub import resolve_model
 
@@ -268,6 +276,117 @@ class Session:
         )
         pieces = stream_text(tokenizer, tokens, eos_ids=self._eos_token_ids, stops=stops)
         return pieces if stream else "".join(pieces)
+
+    def compact(
+        self,
+        *,
+        ratio: float | None = None,
+        budget: int | None = None,
+        method: str = "am",
+        queries: str = "repeat",
+        task: str | None = None,
+        sink: int = 4,
+        recent: int = 64,
+        head_budgets: str | os.PathLike[str] | list[list[int]] | None = None,
+        fit: str = "am",
+        layers: Sequence[int] | None = None,
+        seed: int = 0,
+        score: str = "rms",
+        max_queries: int = 4096,
+        ridge: float = 1e-6,
+        on_policy: bool = True,
+        beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+    ) -> CompactionReport:
+        """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
+
+        `method`: "am" (Attention Matching: keys with the highest attention from reference
+        queries, biases fitted by NNLS on the attention mass, values by least squares on the
+        attention output) or a baseline that keeps original keys and values with bias 0:
+        "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
+        `queries` (am): "repeat" (prefill a scratch prompt asking to repeat the context, then
+        the context; its queries are the references, computed layer by layer on the already
+        compacted layers when `on_policy`) or "context" (the context's own queries, re-run).
+        `task`: a question whose queries replace the repeat prompt (task-guided compaction).
+        `head_budgets`: "global" (one pool over every head by a global top-k of key scores;
+        the default for am and kvzip), "uniform" (the default for the other baselines, as
+        published), a `[layer][kv_head]` table or a JSON file holding one. `fit="none"` keeps
+        AM's selection without fitting (ablation). `sink` first and `recent` last tokens stay
+        exact. `beta_bounds`: the fitted log-weights are kept in this range (None: exact NNLS,
+        which fits the reference queries better and generalises worse; see docs/compaction.md).
+        `fit="beta"` fits the biases only. Tokens added later get bias 0 and positions
+        continuing the original context. Bad arguments raise ValueError and leave the cache
+        unchanged.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if queries == "self-study":
+            raise NotImplementedError('queries="self-study" is not implemented yet')
+        if queries not in QUERY_SOURCES:
+            raise ValueError(f"unknown query source {queries!r}; expected 'repeat' or 'context'")
+        if fit not in ("am", "beta", "none"):
+            raise ValueError(f'fit must be "am", "beta" or "none", got {fit!r}')
+        for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        table: list[list[int]] | None = None
+        if isinstance(head_budgets, list):
+            table = head_budgets
+        elif head_budgets is not None and head_budgets not in ("global", "uniform"):
+            if head_budgets == "entropy":
+                raise NotImplementedError('head_budgets="entropy" is not implemented yet')
+            table = load_head_budgets(head_budgets)
+        info = self._engine.cache_info()
+        per_head = [n for layer in info["tokens_per_head"] for n in layer]
+        if layers is not None:
+            per_head = [n for i in layers for n in info["tokens_per_head"][i]] if all(
+                isinstance(i, int) and 0 <= i < len(info["tokens_per_head"]) for i in layers
+            ) else per_head
+        mean = sum(per_head) / len(per_head) if per_head else 0.0
+        if table is not None and ratio is None and budget is None:
+            budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))
+        budget = resolve_budget(mean, ratio, budget, sink, recent)
+        suffix: list[int] | None = None
+        needs_suffix = method == "kvzip" or (method == "am" and queries == "repeat")
+        if task is not None:
+            if method != "am":
+                raise ValueError("task= guides Attention Matching only (method='am')")
+            suffix = self._prompt_ids(task)
+        elif needs_suffix:
+            suffix = self._repeat_ids()
+        report = self._engine.compact(
+            budget,
+            method=method,
+            queries=queries if task is None else "repeat",
+            suffix=suffix,
+            sink=sink,
+            recent=recent,
+            head_budgets=table if table is not None else head_budgets,
+            fit=fit,
+            layers=None if layers is None else list(layers),
+            seed=seed,
+            score=score,
+            ridge=ridge,
+            max_queries=max_queries,
+            on_policy=on_policy,
+            beta_bounds=beta_bounds,
+        )
+        return CompactionReport.from_native(method, budget, report)
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """`text` as a user turn (chat-formatted when the model has a template)."""
+        if self._tokenizer is None:
+            raise ValueError("task= needs a tokenizer")
+        if self._template is not None:
+            text = self.apply_chat_template([{"role": "user", "content": text}])
+        return self.encode(text)
+
+    def _repeat_ids(self) -> list[int]:
+        """The repeat prompt: the instruction (as a chat turn when there is a template), then
+        the context's own tokens. Without a tokenizer, the context alone."""
+        context = self._engine.token_ids
+        if self._tokenizer is None:
+            return list(context)
+        return self._prompt_ids(REPEAT_INSTRUCTION) + list(context)
 
     def reset(self) -> None:
         """Empty the cache (the weights stay loaded)."""

@@ -265,15 +265,29 @@ impl KvCache {
                 self.next_position
             )));
         }
-        for head in self.layers.iter_mut().flat_map(|l| &mut l.heads) {
+        for l in 0..self.layers.len() {
+            self.truncate_layer_last(l, t)?;
+        }
+        self.next_position -= t;
+        Ok(())
+    }
+
+    /// Drops the newest `t` rows of every head of one layer, positions untouched (the
+    /// layer-wise pass re-appends a suffix's keys in chunks after the compaction hook).
+    pub fn truncate_layer_last(&mut self, layer: usize, t: usize) -> Result<()> {
+        for head in &mut self.layers[layer].heads {
+            if head.len < t {
+                return Err(Error::invalid(format!(
+                    "cannot drop {t} tokens from a head holding {}",
+                    head.len
+                )));
+            }
             head.len -= t;
-            // Rows past `len` must stay at bias 0 for later appends (see `append`).
             if head.has_bias && t > 0 {
                 let zeros = Tensor::zeros(t, DType::F32, head.bias.device())?;
                 head.bias.slice_set(&zeros, 0, head.len)?;
             }
         }
-        self.next_position -= t;
         Ok(())
     }
 

@@ -355,12 +355,14 @@ impl Engine {
         let mut outcomes = vec![vec![HeadOutcome::default(); self.cache.n_kv_heads()]; n_layers];
         let (mut t_queries, mut t_fit) = (0f64, 0f64);
         let clock = std::time::Instant::now;
-        let tail = opts
-            .method
-            .needs_queries()
-            .then(|| self.query_tail(opts))
-            .flatten();
-        let causal = tail.is_some();
+        let needs = opts.method.needs_queries();
+        let tail = needs.then(|| self.query_tail(opts)).flatten();
+        // The repeat suffix's own keys stay in the cache while it is scored (they share every
+        // softmax, as in the real pass) and are dropped at the end.
+        let extra = match (needs, tail) {
+            (true, None) => suffix.map_or(0, <[u32]>::len),
+            _ => 0,
+        };
         let counts_for = |l: usize, scored: &[Scored], global: &Option<Vec<Vec<usize>>>| match &opts
             .head_budgets
         {
@@ -372,19 +374,19 @@ impl Engine {
                         .min(s.middle(opts))
                 })
                 .collect(),
-            HeadBudgets::Global if opts.method.needs_queries() => {
+            HeadBudgets::Global if needs => {
                 global.as_ref().expect("global counts computed first")[l].clone()
             }
             _ => uniform_counts(scored, opts),
         };
+        let on_policy = opts.method == Method::Am && tail.is_none() && opts.on_policy;
+        let global_needed = needs && opts.head_budgets == HeadBudgets::Global;
         let mut query_tokens = 0;
 
-        // Off-policy reference queries: the context's own tail, or the repeat suffix when the
-        // run is off-policy or a global allocation must see every layer before any fit.
-        let on_policy = opts.method == Method::Am && tail.is_none() && opts.on_policy;
-        let global_needed = opts.method.needs_queries() && opts.head_budgets == HeadBudgets::Global;
+        // Off-policy reference queries: the context's own tail (re-run in place), or the
+        // repeat suffix (left in the cache until the end).
         let mut queries: Option<Vec<Tensor>> = None;
-        if opts.method.needs_queries() && (!on_policy || global_needed) {
+        if needs && (!on_policy || global_needed) {
             let t0 = clock();
             queries = Some(match tail {
                 Some(w) => {
@@ -396,9 +398,7 @@ impl Engine {
                 None => {
                     let s = suffix.expect("validated");
                     query_tokens = s.len();
-                    let qs = self.capture(s)?;
-                    self.cache.truncate_last(s.len())?;
-                    qs
+                    self.capture(s)?
                 }
             });
             t_queries += t0.elapsed().as_secs_f64();
@@ -411,7 +411,11 @@ impl Engine {
                     if !layers.contains(&l) {
                         return Ok(Vec::new());
                     }
-                    let lq = LayerQueries { q: &qs[l], causal };
+                    let lq = LayerQueries {
+                        q: &qs[l],
+                        causal: true,
+                        extra,
+                    };
                     score_layer(&self.cache, l, Some(&lq), opts, scale, false)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -422,6 +426,9 @@ impl Engine {
         t_fit += t0.elapsed().as_secs_f64();
 
         if on_policy {
+            if queries.take().is_some() {
+                self.cache.truncate_last(extra)?;
+            }
             let s = suffix.expect("validated");
             query_tokens = s.len();
             let t0 = clock();
@@ -431,7 +438,11 @@ impl Engine {
                     return Ok(());
                 }
                 let t1 = clock();
-                let lq = LayerQueries { q, causal: false };
+                let lq = LayerQueries {
+                    q,
+                    causal: true,
+                    extra,
+                };
                 let scored = score_layer(cache, l, Some(&lq), opts, scale, true)?;
                 let counts = counts_for(l, &scored, &global);
                 outcomes[l] = apply_layer(cache, l, scored, &counts, opts)?;
@@ -446,12 +457,17 @@ impl Engine {
         } else {
             let t0 = clock();
             for &l in &layers {
-                let lq = queries
-                    .as_ref()
-                    .map(|qs| LayerQueries { q: &qs[l], causal });
+                let lq = queries.as_ref().map(|qs| LayerQueries {
+                    q: &qs[l],
+                    causal: true,
+                    extra,
+                });
                 let scored = score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?;
                 let counts = counts_for(l, &scored, &global);
                 outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts)?;
+            }
+            if extra > 0 {
+                self.cache.truncate_last(extra)?;
             }
             t_fit += t0.elapsed().as_secs_f64();
         }

@@ -10,6 +10,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
+use crate::compact::fit::{FitParams, DEFAULT_BETA_BOUNDS};
+use crate::compact::pipeline::{Fit, HeadBudgets, Method, Options, QuerySource};
+use crate::compact::select::Pool;
 use crate::device::{build_features, device_name, dtype_name};
 use crate::engine::{Engine as Core, LogitsWant};
 use crate::error::Error;
@@ -239,6 +242,111 @@ impl Engine {
             eos,
             done: false,
         })
+    }
+
+    /// Compacts the cache to `budget` keys per head on average (see `Session.compact`).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
+                        recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
+                        score = "rms", ridge = 1e-6, max_queries = 4096, on_policy = true,
+                        window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS)))]
+    fn compact<'py>(
+        &mut self,
+        py: Python<'py>,
+        budget: usize,
+        method: &str,
+        queries: &str,
+        suffix: Option<Vec<i64>>,
+        sink: usize,
+        recent: usize,
+        head_budgets: Option<Bound<'py, PyAny>>,
+        fit: &str,
+        layers: Option<Vec<usize>>,
+        seed: u64,
+        score: &str,
+        ridge: f64,
+        max_queries: usize,
+        on_policy: bool,
+        window: usize,
+        kernel: usize,
+        beta_bounds: Option<(f64, f64)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mut o = Options::new(Method::parse(method)?, budget);
+        o.queries = QuerySource::parse(queries)?;
+        o.sink = sink;
+        o.recent = recent;
+        o.fit = Fit::parse(fit)?;
+        o.layers = layers;
+        o.seed = seed;
+        o.pool = match score {
+            "rms" => Pool::Rms,
+            "max" => Pool::Max,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "score must be \"rms\" or \"max\", got {other:?}"
+                )))
+            }
+        };
+        if !(ridge >= 0.0 && ridge.is_finite()) || max_queries == 0 || window == 0 || kernel == 0 {
+            return Err(PyValueError::new_err(
+                "ridge must be finite and >= 0; max_queries, window and kernel must be positive",
+            ));
+        }
+        if beta_bounds.is_some_and(|(lo, hi)| !(lo <= hi && lo.is_finite() && hi.is_finite())) {
+            return Err(PyValueError::new_err(
+                "beta_bounds must be finite (low, high) with low <= high",
+            ));
+        }
+        o.fit_params = FitParams { ridge, beta_bounds };
+        o.max_queries = max_queries;
+        o.on_policy = on_policy;
+        o.window = window;
+        o.kernel = kernel;
+        if let Some(hb) = head_budgets {
+            o.head_budgets = if let Ok(name) = hb.extract::<String>() {
+                match name.as_str() {
+                    "global" => HeadBudgets::Global,
+                    "uniform" => HeadBudgets::Uniform,
+                    other => {
+                        return Err(PyValueError::new_err(format!(
+                            "head_budgets must be \"global\", \"uniform\" or a [layer][head] table, got {other:?}"
+                        )))
+                    }
+                }
+            } else {
+                HeadBudgets::PerHead(hb.extract::<Vec<Vec<usize>>>().map_err(|_| {
+                    PyValueError::new_err("head_budgets table must be a list of lists of ints")
+                })?)
+            };
+        }
+        let suffix = suffix.map(|s| to_ids(&s)).transpose()?;
+        let core = &mut self.core;
+        let r = run(py, move || core.compact(&o, suffix.as_deref()))?;
+        let d = PyDict::new(py);
+        d.set_item("tokens_before", r.tokens_before)?;
+        d.set_item("tokens_after", r.tokens_after)?;
+        d.set_item("bytes_before", r.bytes_before)?;
+        d.set_item("bytes_after", r.bytes_after)?;
+        d.set_item("seconds_queries", r.seconds_queries)?;
+        d.set_item("seconds_fit", r.seconds_fit)?;
+        d.set_item("query_tokens", r.query_tokens)?;
+        let fid: Vec<Vec<Option<(f64, f64)>>> = r
+            .heads
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|h| h.fidelity.map(|f| (f.mass_rel_err, f.out_rel_err)))
+                    .collect()
+            })
+            .collect();
+        d.set_item("fidelity", fid)?;
+        let converged: Vec<Vec<bool>> = r
+            .heads
+            .iter()
+            .map(|l| l.iter().map(|h| h.nnls_converged).collect())
+            .collect();
+        d.set_item("nnls_converged", converged)?;
+        Ok(d)
     }
 
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {

@@ -2,6 +2,7 @@
 //! the ragged cache. This is the plumbing every method shares (Attention Matching and the
 //! baselines); the selection rules live in [`select`].
 
+pub mod exp;
 pub mod fit;
 pub mod pipeline;
 pub mod select;

@@ -9,11 +9,17 @@
 
 use candle_core::{DType, Tensor};
 use faer::Mat;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
 use rayon::prelude::*;
 
+/// Reference queries scored per GEMM (bounds the `[n, chunk]` logits).
+const SCORE_CHUNK: usize = 2048;
+
 use crate::cache::KvCache;
-use crate::compact::fit::{logits_t, Block, Fidelity};
-use crate::compact::select::{allocate, avg_pool, baseline, key_scores, top_k, Baseline, Pool};
+use crate::compact::fit::{logits_t, Block, Fidelity, FitParams};
+use crate::compact::select::{allocate, avg_pool, baseline, top_k, Baseline, Pool, ScoreAcc};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +100,30 @@ impl QuerySource {
     }
 }
 
+/// What the Attention-Matching fit changes in the kept keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Biases (NNLS on the mass) and values (least squares on the output).
+    Am,
+    /// Biases only; values stay the original ones.
+    Beta,
+    /// Nothing: the selection alone (bias 0, original values).
+    None,
+}
+
+impl Fit {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "am" => Ok(Self::Am),
+            "beta" => Ok(Self::Beta),
+            "none" => Ok(Self::None),
+            _ => Err(Error::invalid(format!(
+                "fit must be \"am\", \"beta\" or \"none\", got {s:?}"
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeadBudgets {
     /// One model-wide pool filled by a global top-k over every head's key scores.
@@ -113,12 +143,11 @@ pub struct Options {
     pub sink: usize,
     pub recent: usize,
     pub head_budgets: HeadBudgets,
-    /// Attention Matching refits biases and values; false keeps the selection only (ablation).
-    pub fit: bool,
+    /// What Attention Matching refits (ablations keep less).
+    pub fit: Fit,
     /// How AM pools a key's attention over the reference queries.
     pub pool: Pool,
-    /// Ridge of the value fit, relative to the mean diagonal of PᵀP.
-    pub ridge: f64,
+    pub fit_params: FitParams,
     /// Reference-query rows per KV head; more are subsampled evenly.
     pub max_queries: usize,
     /// Layers to compact (None: all).
@@ -144,9 +173,9 @@ impl Options {
             } else {
                 HeadBudgets::Uniform
             },
-            fit: true,
+            fit: Fit::Am,
             pool: Pool::Rms,
-            ridge: 1e-6,
+            fit_params: FitParams::default(),
             max_queries: 4096,
             layers: None,
             seed: 0,
@@ -160,9 +189,9 @@ impl Options {
         self.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
     }
 
-    /// Whether this run fits biases and values.
+    /// Whether this run fits anything.
     pub fn fits(&self) -> bool {
-        self.method == Method::Am && self.fit
+        self.method == Method::Am && self.fit != Fit::None
     }
 
     fn pool(&self) -> Pool {
@@ -176,10 +205,14 @@ impl Options {
 }
 
 /// One layer's reference queries `[n_heads, s, d]`. `causal`: they are the queries of the
-/// cache's own last `s` tokens, each seeing only the keys up to itself.
+/// cache's own last `s` tokens, each seeing only the keys up to itself. `extra`: how many of
+/// each head's newest rows are the query tokens' own scratch keys (the repeat suffix): they
+/// take part in every softmax, as in the real forward pass, but are neither selected nor fitted
+/// and stay last.
 pub struct LayerQueries<'a> {
     pub q: &'a Tensor,
     pub causal: bool,
+    pub extra: usize,
 }
 
 /// A head read out of the cache with its scores.
@@ -188,6 +221,8 @@ pub struct Scored {
     v: Vec<f32>,
     bias: Vec<f32>,
     n: usize,
+    /// Newest rows kept as they are and out of the window (see [`LayerQueries::extra`]).
+    extra: usize,
     /// `[n, m]` logits of the (subsampled) reference queries, kept for the fit.
     logits: Option<Mat<f32>>,
     /// Scores of the middle keys `sink..n - recent`.
@@ -196,8 +231,9 @@ pub struct Scored {
 
 impl Scored {
     fn window(&self, opts: &Options) -> (usize, usize) {
-        let lo = opts.sink.min(self.n);
-        (lo, self.n.saturating_sub(opts.recent).max(lo))
+        let n = self.n - self.extra;
+        let lo = opts.sink.min(n);
+        (lo, n.saturating_sub(opts.recent).max(lo))
     }
 
     /// Middle keys this head has.
@@ -234,11 +270,13 @@ pub fn score_layer(
                 f32s(&head.values()?)?,
                 f32s(&head.bias()?)?,
             );
+            let extra = queries.map_or(0, |lq| lq.extra);
             let mut s = Scored {
                 k,
                 v,
                 bias,
                 n,
+                extra,
                 logits: None,
                 scores: Vec::new(),
             };
@@ -248,27 +286,47 @@ pub fn score_layer(
             };
             let g = nh / n_kv;
             let rows = g * t;
-            let step = rows.div_ceil(opts.max_queries.max(1));
-            let picked: Vec<usize> = (0..rows).step_by(step).collect();
             let base = h * g * t * d;
-            let q: Vec<f32> = picked
-                .iter()
-                .flat_map(|&r| &q_all[base + r * d..base + (r + 1) * d])
-                .copied()
-                .collect();
+            let gather = |picked: &[usize]| -> Vec<f32> {
+                picked
+                    .iter()
+                    .flat_map(|&r| &q_all[base + r * d..base + (r + 1) * d])
+                    .copied()
+                    .collect()
+            };
             // Query token i of the last t sees keys 0..n - (t - 1 - i).
-            let visible: Option<Vec<usize>> = lq
-                .causal
-                .then(|| picked.iter().map(|&r| n - (t - 1 - r % t).min(n)).collect());
-            let lt = logits_t(&q, &s.k, &s.bias, d, scale);
-            let all = key_scores(lt.as_ref(), opts.pool(), visible.as_deref());
+            let visible = |picked: &[usize]| -> Option<Vec<usize>> {
+                lq.causal
+                    .then(|| picked.iter().map(|&r| n - (t - 1 - r % t).min(n)).collect())
+            };
+            // Scores use every query (a key may matter to one query only, as in copying), in
+            // chunks so the logits stay bounded.
+            let all_rows: Vec<usize> = (0..rows).collect();
+            let mut acc = ScoreAcc::new(n, opts.pool());
+            for chunk in all_rows.chunks(SCORE_CHUNK) {
+                let lt = logits_t(&gather(chunk), &s.k, &s.bias, d, scale);
+                acc.add(lt.as_ref(), visible(chunk).as_deref());
+            }
+            let all = acc.finish();
             s.scores = all[lo..hi].to_vec();
             if opts.method == Method::SnapKv {
                 s.scores = avg_pool(&s.scores, opts.kernel);
             }
-            if keep_logits {
-                s.logits = Some(lt);
-            }
+            // The fit uses a seeded random subset of at most `max_queries` of them.
+            let lt = if keep_logits {
+                let picked: Vec<usize> = if rows > opts.max_queries {
+                    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
+                    let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
+                    p.sort_unstable();
+                    p
+                } else {
+                    all_rows
+                };
+                Some(logits_t(&gather(&picked), &s.k, &s.bias, d, scale))
+            } else {
+                None
+            };
+            s.logits = lt;
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -371,7 +429,12 @@ pub fn apply_layer(
             };
             match &block {
                 Some(b) if opts.fits() => {
-                    let fit = b.fit(&keep, &s.bias[lo..hi], opts.ridge)?;
+                    let fit = b.fit(
+                        &keep,
+                        &s.bias[lo..hi],
+                        (opts.fit == Fit::Beta).then_some(mid_v),
+                        &opts.fit_params,
+                    )?;
                     outcome = HeadOutcome {
                         fidelity: Some(fit.fidelity),
                         nnls_converged: fit.nnls_converged,

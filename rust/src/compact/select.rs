@@ -77,35 +77,67 @@ pub enum Pool {
 /// head). Each column is softmaxed over its visible keys; `visible[r]` (causal sources) limits
 /// query r to keys `0..visible[r]`.
 pub fn key_scores(logits_t: faer::MatRef<f32>, pool: Pool, visible: Option<&[usize]>) -> Vec<f32> {
-    let (n, m) = logits_t.shape();
-    let mut acc = vec![0f64; n];
-    let mut p = vec![0f64; n];
-    for r in 0..m {
-        let upto = visible.map_or(n, |v| v[r].min(n));
-        let col = logits_t.col(r);
-        let max = (0..upto).map(|j| col[j]).fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0f64;
-        for j in 0..upto {
-            p[j] = ((col[j] - max) as f64).exp();
-            s += p[j];
-        }
-        for j in 0..upto {
-            let x = p[j] / s;
-            match pool {
-                Pool::Rms => acc[j] += x * x,
-                Pool::Max => acc[j] = acc[j].max(x),
-                Pool::Sum | Pool::Mean => acc[j] += x,
-            }
+    let mut acc = ScoreAcc::new(logits_t.nrows(), pool);
+    acc.add(logits_t, visible);
+    acc.finish()
+}
+
+/// [`key_scores`] accumulated over several blocks of queries.
+pub struct ScoreAcc {
+    acc: Vec<f64>,
+    p: Vec<f32>,
+    pool: Pool,
+    queries: usize,
+}
+
+impl ScoreAcc {
+    pub fn new(n: usize, pool: Pool) -> Self {
+        Self {
+            acc: vec![0.0; n],
+            p: vec![0.0; n],
+            pool,
+            queries: 0,
         }
     }
-    let m = m.max(1) as f64;
-    acc.into_iter()
-        .map(|a| match pool {
-            Pool::Rms => (a / m).sqrt() as f32,
-            Pool::Mean => (a / m) as f32,
-            Pool::Max | Pool::Sum => a as f32,
-        })
-        .collect()
+
+    pub fn add(&mut self, logits_t: faer::MatRef<f32>, visible: Option<&[usize]>) {
+        let (n, m) = logits_t.shape();
+        for r in 0..m {
+            let upto = visible.map_or(n, |v| v[r].min(n));
+            let p = &mut self.p[..upto];
+            match logits_t.col(r).try_as_col_major() {
+                Some(c) => p.copy_from_slice(&c.as_slice()[..upto]),
+                None => p
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = logits_t[(j, r)]),
+            }
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let inv = (1.0 / crate::compact::exp::exp_shifted(p, max)) as f32;
+            for (a, &x) in self.acc.iter_mut().zip(p.iter()) {
+                let x = (x * inv) as f64;
+                match self.pool {
+                    Pool::Rms => *a += x * x,
+                    Pool::Max => *a = a.max(x),
+                    Pool::Sum | Pool::Mean => *a += x,
+                }
+            }
+        }
+        self.queries += m;
+    }
+
+    pub fn finish(self) -> Vec<f32> {
+        let m = self.queries.max(1) as f64;
+        let pool = self.pool;
+        self.acc
+            .into_iter()
+            .map(|a| match pool {
+                Pool::Rms => (a / m).sqrt() as f32,
+                Pool::Mean => (a / m) as f32,
+                Pool::Max | Pool::Sum => a as f32,
+            })
+            .collect()
+    }
 }
 
 /// Centred moving average of width `kernel` (SnapKV's pooling: keeps neighbours of a strong

@@ -232,10 +232,11 @@ impl Qwen3 {
     }
 
     /// Runs `ids` layer by layer (all tokens through layer `l` before layer `l + 1`) and calls
-    /// `hook(l, q, cache)` with layer `l`'s queries `[n_heads, t, head_dim]` before the new
-    /// keys are appended to that layer. On-policy compaction uses the hook to compact layer `l`
-    /// while layers `0..l` are already compacted: one pass, not one per layer. Attention runs in
-    /// chunks of `chunk` queries; the final norm and LM head are skipped (only queries matter).
+    /// `hook(l, q, cache)` with layer `l`'s queries `[n_heads, t, head_dim]` while the new
+    /// tokens' keys are the last `t` rows of every head of layer `l` (the hook must keep them
+    /// last). On-policy compaction uses the hook to compact layer `l` while layers `0..l` are
+    /// already compacted: one pass, not one per layer. Attention then runs in chunks of `chunk`
+    /// queries; the final norm and LM head are skipped (only queries matter).
     pub fn forward_layerwise(
         &self,
         ids: &[u32],
@@ -253,7 +254,10 @@ impl Qwen3 {
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
+            cache.append(l, &k, &v)?;
             hook(l, &q, cache)?;
+            // Re-append in chunks so each chunk's causal attention sees exactly its prefix.
+            cache.truncate_layer_last(l, t)?;
             let mut outs = Vec::new();
             for start in (0..t).step_by(chunk.max(1)) {
                 let len = chunk.min(t - start);
