@@ -86,3 +86,34 @@ def test_python_dash_m(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "qwen3" in r.stdout
+
+
+def test_generate_from_a_compacted_context(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The lighthouse keeper lit the lamp every evening. " * 30)
+    argv = ["generate", "--context", str(ctx), "--ratio", "4", "--prompt", " The keeper"]
+    assert cli.main([*argv, "--max-new-tokens", "5", "--method", "snapkv"]) == 0
+    err = capsys.readouterr().err
+    # One line for the context and its compaction, one for the answer.
+    assert "context tokens" in err and "snapkv:" in err and "(4.0x)" in err
+    assert "KV cache" in err
+    # Compacting needs a context; a missing file is one clear line.
+    assert cli.main(["generate", "--ratio", "4", "--prompt", "x"]) == 2
+    assert "--context" in capsys.readouterr().err
+    assert cli.main(["generate", "--context", str(tmp_path / "no.txt"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_demo_prints_the_side_by_side_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--methods", "am,streaming"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    rows = [line.split()[0] for line in lines[lines.index("") + 2 :]]
+    assert rows == ["full", "am", "streaming"]
+    assert "4729315" in out.splitlines()[0]
+    # The full cache answers (the embedded model retrieves at this length).
+    full = next(line for line in lines if line.startswith("full"))
+    assert " yes " in full
+    assert cli.main(["demo", "--methods", "magic"]) == 2

@@ -1,13 +1,15 @@
-"""The `kvfast` command line: `kvfast generate ...` and `kvfast info ...`."""
+"""The `kvfast` command line: `kvfast generate ...`, `kvfast demo` and `kvfast info ...`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from kvfast import KvfastError, Session, __version__
+from kvfast import KvfastError, Session, __version__, demo
 from kvfast._native import build_features
+from kvfast.compaction import METHODS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+    g.add_argument(
+        "--context",
+        type=Path,
+        default=None,
+        help="a text file prefilled (and compacted with --ratio/--budget) before the prompt",
+    )
+    g.add_argument("--ratio", type=float, default=None, help="compact the context by this ratio")
+    g.add_argument("--budget", type=int, default=None, help="compact to this many keys per head")
+    g.add_argument(
+        "--method", default="am", choices=METHODS, help="compaction method (default: am)"
+    )
+
+    d = sub.add_parser(
+        "demo",
+        help="hide a fact in a ~2k-token text; answer from the full and the compacted caches",
+    )
+    _add_model_args(d)
+    d.add_argument("--ratio", type=float, default=8.0)
+    d.add_argument(
+        "--methods", default="am,snapkv", help="comma-separated compaction methods to compare"
+    )
 
     i = sub.add_parser("info", help="show the model's config, size and memory use")
     _add_model_args(i)
@@ -50,8 +73,26 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     prompt: str = args.prompt
+    context: list[int] = []
     if args.chat:
         prompt = s.apply_chat_template([{"role": "user", "content": prompt}])
+    compacting = args.ratio is not None or args.budget is not None
+    if compacting and args.context is None:
+        raise ValueError("--ratio/--budget compact a --context file; give one")
+    summary = ""
+    if args.context is not None:
+        if not args.context.is_file():
+            raise FileNotFoundError(f"context file not found: {args.context}")
+        context = s.encode(args.context.read_text(encoding="utf-8"))
+        if not context:
+            raise ValueError(f"context file {args.context} is empty")
+        t0 = time.perf_counter()
+        s.prefill(context, logits=None)
+        summary = f"{len(context)} context tokens in {time.perf_counter() - t0:.2f}s"
+        if compacting:
+            r = s.compact(ratio=args.ratio, budget=args.budget, method=args.method)
+            summary += f"; {r}"
+        print(f"[{summary}]", file=sys.stderr)
     ids = s.encode(prompt)
     # Prefill separately from generate() so that the summary can time the two phases apart.
     t0 = time.perf_counter()
@@ -74,12 +115,25 @@ def _generate(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    new = s.cache_len - len(ids)
+    new = s.cache_len - len(ids) - len(context)
+    kv = s.cache_info()["bytes"] / 2**20
     print(
         f"[{len(ids)} prompt tokens in {t1 - t0:.2f}s; {new} tokens generated in "
-        f"{t2 - t1:.2f}s, {new / max(t2 - t1, 1e-9):.1f} tokens/s]",
+        f"{t2 - t1:.2f}s, {new / max(t2 - t1, 1e-9):.1f} tokens/s; KV cache {kv:.2f} MiB]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; expected some of {', '.join(METHODS)}")
+    rows = demo.run(
+        args.model, ratio=args.ratio, methods=methods, device=args.device, dtype=args.dtype
+    )
+    print(demo.format_table(rows, args.ratio))
     return 0
 
 
@@ -123,7 +177,7 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kvfast` script; returns the exit status."""
     args = _parser().parse_args(argv)
-    command = {"generate": _generate, "info": _info}[args.command]
+    command = {"generate": _generate, "demo": _demo, "info": _info}[args.command]
     try:
         return command(args)
     # Expected failures (bad path, bad option value, device missing) get one line, not a

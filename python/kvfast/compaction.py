@@ -71,9 +71,7 @@ class CompactionReport:
         for heads in self.head_fidelity:
             got = [f for f in heads if f is not None]
             out.append(
-                Fidelity(
-                    _mean([f.mass_rel_err for f in got]), _mean([f.out_rel_err for f in got])
-                )
+                Fidelity(_mean([f.mass_rel_err for f in got]), _mean([f.out_rel_err for f in got]))
                 if got
                 else None
             )

@@ -329,18 +329,23 @@ class Session:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         table: list[list[int]] | None = None
+        policy: str | None = None
         if isinstance(head_budgets, list):
             table = head_budgets
-        elif head_budgets is not None and head_budgets not in ("global", "uniform"):
-            if head_budgets == "entropy":
-                raise NotImplementedError('head_budgets="entropy" is not implemented yet')
+        elif head_budgets in ("global", "uniform"):
+            policy = str(head_budgets)
+        elif head_budgets == "entropy":
+            raise NotImplementedError('head_budgets="entropy" is not implemented yet')
+        elif head_budgets is not None:
             table = load_head_budgets(head_budgets)
         info = self._engine.cache_info()
         per_head = [n for layer in info["tokens_per_head"] for n in layer]
         if layers is not None:
-            per_head = [n for i in layers for n in info["tokens_per_head"][i]] if all(
-                isinstance(i, int) and 0 <= i < len(info["tokens_per_head"]) for i in layers
-            ) else per_head
+            per_head = (
+                [n for i in layers for n in info["tokens_per_head"][i]]
+                if all(isinstance(i, int) and 0 <= i < len(info["tokens_per_head"]) for i in layers)
+                else per_head
+            )
         mean = sum(per_head) / len(per_head) if per_head else 0.0
         if table is not None and ratio is None and budget is None:
             budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))
@@ -360,7 +365,7 @@ class Session:
             suffix=suffix,
             sink=sink,
             recent=recent,
-            head_budgets=table if table is not None else head_budgets,
+            head_budgets=table if table is not None else policy,
             fit=fit,
             layers=None if layers is None else list(layers),
             seed=seed,

@@ -1,0 +1,162 @@
+"""`Session.compact` on the embedded qwen3-tiny model: every method, budgets, the report, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kvfast import Session
+from kvfast.compaction import METHODS, CompactionReport
+
+CONTEXT = (
+    "The old lighthouse keeper lived alone on the rocky island. Every evening he climbed the "
+    "stairs, lit the great lamp and watched the ships pass. "
+) * 12
+
+
+def prefilled(session: Session) -> list[int]:
+    ids = session.encode(CONTEXT)
+    session.prefill(ids, logits=None)
+    return ids
+
+
+def test_compact_shrinks_memory_and_keeps_decoding(session: Session) -> None:
+    ids = prefilled(session)
+    before = session.cache_info()
+    report = session.compact(ratio=4, recent=16)
+    after = session.cache_info()
+    assert isinstance(report, CompactionReport)
+    assert report.tokens_per_head_before == before["tokens_per_head"]
+    assert report.tokens_per_head_after == after["tokens_per_head"]
+    assert report.bytes_before == before["bytes"] and report.bytes_after == after["bytes"]
+    assert report.ratio == pytest.approx(before["bytes"] / after["bytes"])
+    assert report.ratio > 3.5
+    assert report.budget == round(len(ids) / 4)
+    # Global budgets: the total matches the uniform budget, the split does not.
+    assert sum(map(sum, report.tokens_per_head_after)) <= report.budget * 8
+    assert report.seconds_queries > 0 and report.seconds_fit > 0
+    assert report.query_tokens > len(ids), "repeat prompt = instruction + the context"
+    fids = [f for layer in report.head_fidelity for f in layer]
+    assert all(f is not None and 0 <= f.out_rel_err < np.inf for f in fids)
+    assert np.mean([f.out_rel_err for f in fids if f is not None]) < 1
+    assert "->" in str(report) and "keys per head" in str(report)
+    # Positions continue from the original length; generation and scoring still work.
+    assert session.cache_len == len(ids)
+    text = session.generate(" The keeper", max_new_tokens=8)
+    assert isinstance(text, str) and session.cache_len > len(ids)
+    nll = session.score(session.encode(" the lamp"))
+    assert np.all(np.isfinite(nll))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_the_budget(session: Session, method: str) -> None:
+    ids = prefilled(session)
+    report = session.compact(budget=48, method=method, recent=16)
+    kept = [n for layer in report.tokens_per_head_after for n in layer]
+    assert sum(kept) <= 48 * len(kept)
+    assert all(n >= 20 for n in kept), "sink + recent stay"
+    if method in ("streaming", "uniform", "random"):
+        assert all(f is None for layer in report.head_fidelity for f in layer)
+        assert kept == [48] * len(kept)
+    else:
+        assert all(f is not None for layer in report.head_fidelity for f in layer)
+    logits = session.prefill(session.encode(" The"), logits="last")
+    assert logits is not None and np.all(np.isfinite(logits))
+    assert session.cache_len == len(ids) + 1
+
+
+def test_attention_matching_fits_better_than_its_selection_alone(session: Session) -> None:
+    prefilled(session)
+    fitted = session.compact(ratio=4, recent=16)
+    session.reset()
+    prefilled(session)
+    raw = session.compact(ratio=4, recent=16, fit="none")
+    assert raw.tokens_per_head_after == fitted.tokens_per_head_after, "same selection"
+
+    def err(r: CompactionReport) -> float:
+        return float(np.mean([f.out_rel_err for f in r.layer_fidelity if f is not None]))
+
+    assert err(fitted) < err(raw)
+
+
+def test_context_queries_and_repeated_compaction(session: Session) -> None:
+    prefilled(session)
+    session.compact(ratio=2, queries="context", recent=16)
+    # The cache is compacted: the context's own queries cannot be recomputed any more...
+    with pytest.raises(ValueError, match="compacted"):
+        session.compact(ratio=2, queries="context", recent=16)
+    # ...but the repeat queries refit the current (biased) cache.
+    first = session.cache_info()["bytes"]
+    r = session.compact(ratio=2, recent=16)
+    assert r.bytes_before == first and r.bytes_after < first
+    assert session.generate(max_new_tokens=4) is not None
+
+
+def test_head_budget_table_from_json(session: Session, tmp_path: Path) -> None:
+    prefilled(session)
+    table = [[40, 60], [30, 70], [50, 50], [64, 36]]
+    path = tmp_path / "budgets.json"
+    path.write_text(json.dumps({"budgets": table}))
+    r = session.compact(head_budgets=str(path), recent=16)
+    assert r.tokens_per_head_after == table
+    assert r.budget == 50
+
+
+def test_task_guided_compaction(session: Session) -> None:
+    prefilled(session)
+    r = session.compact(ratio=4, task="What did the keeper light?", recent=16)
+    assert 0 < r.query_tokens < 40
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ratio": 0.5}, "ratio must be"),
+        ({"ratio": float("nan")}, "ratio must be"),
+        ({"budget": 10_000}, "below the cache length"),
+        ({"budget": 30}, "sink \\+ recent"),
+        ({"ratio": 2, "budget": 50}, "exactly one"),
+        ({}, "exactly one"),
+        ({"ratio": 2, "method": "magic"}, "unknown method"),
+        ({"ratio": 2, "queries": "oracle"}, "unknown query source"),
+        ({"ratio": 2, "fit": "values"}, "fit must be"),
+        ({"ratio": 2, "head_budgets": "nonsense"}, "neither"),
+        ({"ratio": 2, "layers": [7]}, "layers"),
+        ({"ratio": 2, "beta_bounds": (3.0, -3.0)}, "beta_bounds"),
+        ({"ratio": 2, "task": "why?", "method": "snapkv"}, "task"),
+    ],
+)
+def test_bad_arguments_leave_the_cache_unchanged(
+    session: Session, kwargs: dict[str, object], match: str
+) -> None:
+    prefilled(session)
+    before = session.cache_info()
+    with pytest.raises(ValueError, match=match):
+        session.compact(**kwargs)  # type: ignore[arg-type]
+    assert session.cache_info() == before
+
+
+def test_malformed_budget_file_and_empty_cache(session: Session, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty cache"):
+        session.compact(ratio=2)
+    prefilled(session)
+    bad = tmp_path / "b.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        session.compact(head_budgets=bad)
+    bad.write_text(json.dumps({"budgets": [[1, "x"]]}))
+    with pytest.raises(ValueError, match="table of non-negative ints"):
+        session.compact(head_budgets=bad)
+    bad.write_text(json.dumps({"budgets": [[40, 40]]}))
+    with pytest.raises(ValueError, match="table"):
+        session.compact(head_budgets=bad, recent=16)
+
+
+def test_not_yet_implemented_options_say_so(session: Session) -> None:
+    prefilled(session)
+    with pytest.raises(NotImplementedError, match="self-study"):
+        session.compact(ratio=2, queries="self-study")
+    with pytest.raises(NotImplementedError, match="entropy"):
+        session.compact(ratio=2, head_budgets="entropy")
