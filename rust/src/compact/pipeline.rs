@@ -299,33 +299,41 @@ pub fn score_layer(
                 lq.causal
                     .then(|| picked.iter().map(|&r| n - (t - 1 - r % t).min(n)).collect())
             };
+            // The fit uses a seeded random subset of at most `max_queries` of the queries.
+            let picked: Vec<usize> = match keep_logits {
+                false => Vec::new(),
+                true if rows > opts.max_queries => {
+                    let mut rng =
+                        StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
+                    let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
+                    p.sort_unstable();
+                    p
+                }
+                true => (0..rows).collect(),
+            };
+            let mut fit_lt = keep_logits.then(|| Mat::<f32>::zeros(n, picked.len()));
             // Scores use every query (a key may matter to one query only, as in copying), in
-            // chunks so the logits stay bounded.
+            // chunks so the logits stay bounded; the fit's columns are copied out on the way.
             let all_rows: Vec<usize> = (0..rows).collect();
             let mut acc = ScoreAcc::new(n, opts.pool());
+            let mut next = 0;
             for chunk in all_rows.chunks(SCORE_CHUNK) {
                 let lt = logits_t(&gather(chunk), &s.k, &s.bias, d, scale);
                 acc.add(lt.as_ref(), visible(chunk).as_deref());
+                if let Some(f) = fit_lt.as_mut() {
+                    while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
+                        let col = lt.col_as_slice(picked[next] - chunk[0]);
+                        f.col_as_slice_mut(next).copy_from_slice(col);
+                        next += 1;
+                    }
+                }
             }
             let all = acc.finish();
             s.scores = all[lo..hi].to_vec();
             if opts.method == Method::SnapKv {
                 s.scores = avg_pool(&s.scores, opts.kernel);
             }
-            // The fit uses a seeded random subset of at most `max_queries` of them.
-            let lt = if keep_logits {
-                let picked: Vec<usize> = if rows > opts.max_queries {
-                    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
-                    let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
-                    p.sort_unstable();
-                    p
-                } else {
-                    all_rows
-                };
-                Some(logits_t(&gather(&picked), &s.k, &s.bias, d, scale))
-            } else {
-                None
-            };
+            let lt = fit_lt;
             s.logits = lt;
             Ok(s)
         })

@@ -1,0 +1,157 @@
+"""Quality of compaction on a checkpoint: needle retrieval (RULER-style, Paul Graham haystack),
+next-token KL over the question, and WikiText-2 continuation perplexity, per method and ratio,
+all judged against the full cache of the same model. Prints Markdown tables and writes JSON.
+
+    python scripts/compaction_quality.py --model ../shared/models/qwen3-small \
+        --data ../shared/data --cases 20 --out docs/results/compaction-qwen3-small.json
+
+Compaction always happens before the question is seen. This is the measurement script of
+issue 4; the full evaluation suite (issue 5) will supersede it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kvfast import Session, __version__
+
+WORDS = "apple river castle window garden silver forest candle bridge marble".split()
+FACT = " One of the special magic numbers for {k} is: {v}. "
+QUESTION = (
+    "\nWhat is the special magic number for {k} mentioned in the provided text? "
+    "The special magic number for {k} mentioned in the provided text is"
+)
+
+# name -> Session.compact keyword arguments (None: the full cache)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "full": None,
+    "am": {"method": "am"},
+    "am queries=context": {"method": "am", "queries": "context"},
+    "am head_budgets=uniform": {"method": "am", "head_budgets": "uniform"},
+    "am off-policy": {"method": "am", "on_policy": False},
+    "am fit=none": {"method": "am", "fit": "none"},
+    "am fit=beta": {"method": "am", "fit": "beta"},
+    "am exact NNLS": {"method": "am", "beta_bounds": None},
+    "kvzip": {"method": "kvzip"},
+    "snapkv": {"method": "snapkv"},
+    "h2o": {"method": "h2o"},
+    "tova": {"method": "tova"},
+    "streaming": {"method": "streaming"},
+    "random": {"method": "random"},
+}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def needle_cases(s: Session, hay: list[int], n: int, length: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        k, v = rng.choice(WORDS), str(rng.randint(1_000_000, 9_999_999))
+        fact, q = s.encode(FACT.format(k=k, v=v)), s.encode(QUESTION.format(k=k))
+        start = rng.randint(0, len(hay) - length)
+        body = hay[start : start + length - len(fact) - len(q)]
+        cut = int(len(body) * rng.uniform(0.1, 0.9))
+        cases.append({"context": body[:cut] + fact + body[cut:], "question": q, "answer": v})
+    return cases
+
+
+def run_needles(s: Session, cases: list[dict], kw: dict | None, ratio: float) -> dict:
+    hits, kls, secs, byts = 0, [], [], []
+    for c in cases:
+        s.reset()
+        s.prefill(c["context"], logits=None)
+        if kw is not None:
+            r = s.compact(ratio=ratio, **kw)
+            secs.append(r.seconds)
+        byts.append(s.cache_info()["bytes"])
+        logits = s.prefill(c["question"], logits="all")
+        c.setdefault("_full_logp", None)
+        lp = log_softmax(np.asarray(logits, dtype=np.float64))
+        if kw is None:
+            c["_full_logp"] = lp
+        else:
+            p = c["_full_logp"]
+            kls.append(float((np.exp(p) * (p - lp)).sum(axis=-1).mean()))
+        out = s.generate(max_new_tokens=8)
+        hits += out.strip().startswith(c["answer"])
+    return {
+        "needle": hits / len(cases),
+        "kl": float(np.mean(kls)) if kls else 0.0,
+        "seconds": float(np.mean(secs)) if secs else 0.0,
+        "kv_bytes": float(np.mean(byts)),
+    }
+
+
+def run_ppl(s: Session, ids: list[int], kw: dict | None, ratio: float, windows: int,
+            context: int, cont: int) -> dict:
+    nll = []
+    for w in range(windows):
+        start = w * (context + cont)
+        s.reset()
+        s.prefill(ids[start : start + context], logits=None)
+        if kw is not None:
+            s.compact(ratio=ratio, **kw)
+        nll.extend(s.score(ids[start + context : start + context + cont]).tolist())
+    return {"ppl": math.exp(float(np.mean(nll)))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", type=Path, required=True, help="folder with ruler/ and wikitext-2/")
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--ratios", default="4,8,16,32")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--ablation-ratio", type=float, default=8.0,
+                   help="ratio at which the am ablations run (the main methods run at all)")
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+
+    s = Session.from_pretrained(a.model)
+    hay = s.encode(json.loads((a.data / "ruler/PaulGrahamEssays.json").read_text())["text"])
+    wiki = s.encode((a.data / "wikitext-2/wiki.test.raw").read_text(encoding="utf-8"))
+    cases = needle_cases(s, hay, a.cases, a.length, a.seed)
+    ratios = [float(r) for r in a.ratios.split(",")]
+    names = [n.strip() for n in a.variants.split(",")]
+    main_methods = {"am", "kvzip", "snapkv", "h2o", "streaming"}
+    results: list[dict] = []
+    t0 = time.time()
+    for name in names:
+        kw = VARIANTS[name]
+        for ratio in [1.0] if kw is None else ratios:
+            if kw is not None and name not in main_methods and ratio != a.ablation_ratio:
+                continue
+            row = {"variant": name, "ratio": ratio}
+            row.update(run_needles(s, cases, kw, ratio))
+            row.update(run_ppl(s, wiki, kw, ratio, a.ppl_windows, a.length - 256, 256))
+            results.append(row)
+            print(
+                f"{name:<26} {ratio:>4g}x needle {row['needle']:.2f} KL {row['kl']:.4f} "
+                f"ppl {row['ppl']:.2f} KV {row['kv_bytes'] / 2**20:.2f} MiB "
+                f"compact {row['seconds']:.2f}s  [{time.time() - t0:.0f}s]",
+                flush=True,
+            )
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({
+            "model": a.model, "cases": a.cases, "length": a.length, "seed": a.seed,
+            "ppl_windows": a.ppl_windows, "kvfast": __version__, "results": results,
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
