@@ -36,9 +36,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "am queries=context": {"method": "am", "queries": "context"},
     "am head_budgets=uniform": {"method": "am", "head_budgets": "uniform"},
     "am off-policy": {"method": "am", "on_policy": False},
-    "am fit=none": {"method": "am", "fit": "none"},
+    "am fit=am (paper: beta + values)": {"method": "am", "fit": "am"},
+    "am fit=am, exact NNLS": {"method": "am", "fit": "am", "beta_bounds": None},
     "am fit=beta": {"method": "am", "fit": "beta"},
-    "am exact NNLS": {"method": "am", "beta_bounds": None},
+    "am fit=none": {"method": "am", "fit": "none"},
     "kvzip": {"method": "kvzip"},
     "snapkv": {"method": "snapkv"},
     "h2o": {"method": "h2o"},
@@ -93,8 +94,9 @@ def run_needles(s: Session, cases: list[dict], kw: dict | None, ratio: float) ->
     }
 
 
-def run_ppl(s: Session, ids: list[int], kw: dict | None, ratio: float, windows: int,
-            context: int, cont: int) -> dict:
+def run_ppl(
+    s: Session, ids: list[int], kw: dict | None, ratio: float, windows: int, context: int, cont: int
+) -> dict:
     nll = []
     for w in range(windows):
         start = w * (context + cont)
@@ -114,8 +116,12 @@ def main() -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--ratios", default="4,8,16,32")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--ablation-ratio", type=float, default=8.0,
-                   help="ratio at which the am ablations run (the main methods run at all)")
+    p.add_argument(
+        "--ablation-ratio",
+        type=float,
+        default=8.0,
+        help="ratio at which the am ablations run (the main methods run at all)",
+    )
     p.add_argument("--ppl-windows", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -147,10 +153,20 @@ def main() -> None:
             )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({
-            "model": a.model, "cases": a.cases, "length": a.length, "seed": a.seed,
-            "ppl_windows": a.ppl_windows, "kvfast": __version__, "results": results,
-        }, indent=1))
+        a.out.write_text(
+            json.dumps(
+                {
+                    "model": a.model,
+                    "cases": a.cases,
+                    "length": a.length,
+                    "seed": a.seed,
+                    "ppl_windows": a.ppl_windows,
+                    "kvfast": __version__,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ mod compaction {
             .heads
             .iter()
             .flatten()
-            .all(|h| h.fidelity.unwrap().out_rel_err < 0.5));
+            .all(|h| h.fidelity.unwrap().out_rel_err < 1.0));
         // Now compacted: the context's own queries can no longer be recomputed...
         let before = e.cache.tokens_per_head();
         let err = e

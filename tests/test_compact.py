@@ -67,9 +67,12 @@ def test_every_method_keeps_the_budget(session: Session, method: str) -> None:
     assert session.cache_len == len(ids) + 1
 
 
-def test_attention_matching_fits_better_than_its_selection_alone(session: Session) -> None:
+@pytest.mark.parametrize("fit", ["values", "am"])
+def test_attention_matching_fits_better_than_its_selection_alone(
+    session: Session, fit: str
+) -> None:
     prefilled(session)
-    fitted = session.compact(ratio=4, recent=16)
+    fitted = session.compact(ratio=4, recent=16, fit=fit)
     session.reset()
     prefilled(session)
     raw = session.compact(ratio=4, recent=16, fit="none")
@@ -121,7 +124,7 @@ def test_task_guided_compaction(session: Session) -> None:
         ({}, "exactly one"),
         ({"ratio": 2, "method": "magic"}, "unknown method"),
         ({"ratio": 2, "queries": "oracle"}, "unknown query source"),
-        ({"ratio": 2, "fit": "values"}, "fit must be"),
+        ({"ratio": 2, "fit": "weights"}, "fit must be"),
         ({"ratio": 2, "head_budgets": "nonsense"}, "neither"),
         ({"ratio": 2, "layers": [7]}, "layers"),
         ({"ratio": 2, "beta_bounds": (3.0, -3.0)}, "beta_bounds"),

@@ -88,7 +88,7 @@ class Engine:
         sink: int = 4,
         recent: int = 64,
         head_budgets: str | list[list[int]] | None = None,
-        fit: str = "am",
+        fit: str = "values",
         layers: list[int] | None = None,
         seed: int = 0,
         score: str = "rms",
@@ -98,6 +98,8 @@ class Engine:
         window: int = 64,
         kernel: int = 5,
         beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+        weighted: bool = True,
+        beta_prior: float = 0.0,
     ) -> dict[str, Any]:
         """Compact the cache to `budget` keys per head on average; returns a report dict
         (tokens_before/after per [layer][head], bytes_before/after, seconds_queries,

@@ -288,7 +288,7 @@ class Session:
         sink: int = 4,
         recent: int = 64,
         head_budgets: str | os.PathLike[str] | list[list[int]] | None = None,
-        fit: str = "am",
+        fit: str = "values",
         layers: Sequence[int] | None = None,
         seed: int = 0,
         score: str = "rms",
@@ -296,6 +296,7 @@ class Session:
         ridge: float = 1e-6,
         on_policy: bool = True,
         beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+        beta_prior: float = 0.0,
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
@@ -309,13 +310,13 @@ class Session:
         `task`: a question whose queries replace the repeat prompt (task-guided compaction).
         `head_budgets`: "global" (one pool over every head by a global top-k of key scores;
         the default for am and kvzip), "uniform" (the default for the other baselines, as
-        published), a `[layer][kv_head]` table or a JSON file holding one. `fit="none"` keeps
-        AM's selection without fitting (ablation). `sink` first and `recent` last tokens stay
-        exact. `beta_bounds`: the fitted log-weights are kept in this range (None: exact NNLS,
-        which fits the reference queries better and generalises worse; see docs/compaction.md).
-        `fit="beta"` fits the biases only. Tokens added later get bias 0 and positions
-        continuing the original context. Bad arguments raise ValueError and leave the cache
-        unchanged.
+        published), a `[layer][kv_head]` table or a JSON file holding one. `fit`: "values" (the
+        default: least-squares values, beta = 0), "am" (the paper's NNLS biases and values;
+        worse on our testbed, see docs/compaction.md), "beta" or "none" (ablations). `sink`
+        first and `recent` last tokens stay exact. With `fit="am"`, `beta_bounds` keeps the
+        fitted log-weights in a range (None: exact NNLS) and `beta_prior` pulls them to 0.
+        Tokens added later get bias 0 and positions continuing the original context. Bad
+        arguments raise ValueError and leave the cache unchanged.
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -323,8 +324,8 @@ class Session:
             raise NotImplementedError('queries="self-study" is not implemented yet')
         if queries not in QUERY_SOURCES:
             raise ValueError(f"unknown query source {queries!r}; expected 'repeat' or 'context'")
-        if fit not in ("am", "beta", "none"):
-            raise ValueError(f'fit must be "am", "beta" or "none", got {fit!r}')
+        if fit not in ("am", "values", "beta", "none"):
+            raise ValueError(f'fit must be "am", "values", "beta" or "none", got {fit!r}')
         for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -374,6 +375,7 @@ class Session:
             max_queries=max_queries,
             on_policy=on_policy,
             beta_bounds=beta_bounds,
+            beta_prior=beta_prior,
         )
         return CompactionReport.from_native(method, budget, report)
 

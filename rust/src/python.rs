@@ -247,9 +247,9 @@ impl Engine {
     /// Compacts the cache to `budget` keys per head on average (see `Session.compact`).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
-                        recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
+                        recent = 64, head_budgets = None, fit = "values", layers = None, seed = 0,
                         score = "rms", ridge = 1e-6, max_queries = 4096, on_policy = true,
-                        window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS)))]
+                        window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0))]
     fn compact<'py>(
         &mut self,
         py: Python<'py>,
@@ -270,6 +270,8 @@ impl Engine {
         window: usize,
         kernel: usize,
         beta_bounds: Option<(f64, f64)>,
+        weighted: bool,
+        beta_prior: f64,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut o = Options::new(Method::parse(method)?, budget);
         o.queries = QuerySource::parse(queries)?;
@@ -297,7 +299,13 @@ impl Engine {
                 "beta_bounds must be finite (low, high) with low <= high",
             ));
         }
-        o.fit_params = FitParams { ridge, beta_bounds };
+        o.fit_params = FitParams {
+            ridge,
+            beta_bounds,
+            weighted,
+            beta_prior,
+            fixed_weights: false,
+        };
         o.max_queries = max_queries;
         o.on_policy = on_policy;
         o.window = window;

@@ -12,7 +12,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
-use crate::compact::solve::{box_lstsq, nnls, ridge_lstsq};
+use crate::compact::solve::{box_lstsq, nnls, ridge_lstsq, Nnls};
 use crate::error::{Error, Result};
 
 /// Outer active-set steps of the bias NNLS before it reports non-convergence.
@@ -28,6 +28,12 @@ pub struct FitParams {
     pub ridge: f64,
     /// Bounds on beta = log w (the reference code uses (-3, 3)); None: exact NNLS.
     pub beta_bounds: Option<(f64, f64)>,
+    /// Weigh each reference query by the share of its attention the block holds.
+    pub weighted: bool,
+    /// Ridge pulling w = exp(beta) towards 1, relative to the mean diagonal of AᵀA (0: none).
+    pub beta_prior: f64,
+    /// Skip the mass fit: w = 1 (beta = 0), only the values are fitted.
+    pub fixed_weights: bool,
 }
 
 /// beta in [-3, 3] (the reference code's bounds): on `qwen3-small` needles at 8x the exact
@@ -40,6 +46,9 @@ impl Default for FitParams {
         Self {
             ridge: 1e-6,
             beta_bounds: Some(DEFAULT_BETA_BOUNDS),
+            weighted: true,
+            beta_prior: 0.0,
+            fixed_weights: false,
         }
     }
 }
@@ -100,21 +109,45 @@ pub struct Block {
     mass: Vec<f64>,
     /// `[d, m]`: column r is query r's attention output over the block.
     target: Mat<f32>,
+    /// Row weights of the value fit (the block's share of each query's attention, or 1).
+    weight: Vec<f64>,
 }
 
 impl Block {
-    /// `logits_t [n, m]` over the block's keys, `v [n, d]` row-major.
+    /// `logits_t [n, m]` over the block's keys, `v [n, d]` row-major. Each query is scaled by
+    /// its own max over the block.
     pub fn new(logits_t: MatRef<f32>, v: &[f32], d: usize) -> Result<Self> {
+        Self::in_context(logits_t, v, d, None)
+    }
+
+    /// [`Block::new`] for a block inside a head: `whole = (max, total)` per query over every
+    /// key it sees. Queries are then scaled by that max, so each one weighs in the mass fit by
+    /// the share of its attention the block really holds, and its value-fit row is weighted by
+    /// that share too (a query that barely looks at the block cannot pull the fit).
+    pub fn in_context(
+        logits_t: MatRef<f32>,
+        v: &[f32],
+        d: usize,
+        whole: Option<(&[f32], &[f64])>,
+    ) -> Result<Self> {
         let (n, m) = logits_t.shape();
         if n == 0 || m == 0 || v.len() != n * d {
             return Err(Error::invalid("fit: empty block or mismatched value shape"));
         }
         let mut e = logits_t.to_owned();
         let mut mass = Vec::with_capacity(m);
+        let mut weight = vec![1f64; m];
         for r in 0..m {
             let col = e.col_as_slice_mut(r);
-            let max = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            mass.push(crate::compact::exp::exp_shifted(col, max));
+            let max = match whole {
+                Some((max, _)) => max[r],
+                None => col.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            };
+            let s = crate::compact::exp::exp_shifted(col, max);
+            if let Some((_, total)) = whole {
+                weight[r] = s / total[r].max(f64::MIN_POSITIVE);
+            }
+            mass.push(s.max(f64::MIN_POSITIVE));
         }
         let vt = MatRef::from_column_major_slice(v, d, n);
         let mut target = Mat::<f32>::zeros(d, m);
@@ -133,7 +166,12 @@ impl Block {
                 .iter_mut()
                 .for_each(|x| *x *= inv);
         }
-        Ok(Self { e, mass, target })
+        Ok(Self {
+            e,
+            mass,
+            target,
+            weight,
+        })
     }
 
     pub fn n_keys(&self) -> usize {
@@ -225,12 +263,42 @@ impl Block {
         let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
         let mut h = Mat::<f64>::zeros(t, 1);
         matmul(h.as_mut(), Accum::Replace, a.as_ref(), mass, 1.0, Par::Seq);
-        let gv: Vec<f64> = (0..t * t).map(|i| g[(i / t, i % t)]).collect();
-        let hv: Vec<f64> = (0..t).map(|i| h[(i, 0)]).collect();
-        let mut sol = nnls(&gv, &hv, t, NNLS_MAX_STEPS)?;
-        if let Some((lo, hi)) = p.beta_bounds {
-            sol = box_lstsq(&gv, &hv, t, (lo.exp(), hi.exp()), &sol.w, BOX_MAX_STEPS)?;
+        // Keys no reference query attends to (zero columns) carry no evidence: they keep
+        // w = 1, and the solve runs on the others (a zero column also makes G singular).
+        let max_diag = (0..t).map(|i| g[(i, i)]).fold(0f64, f64::max);
+        let informative: Vec<usize> = (0..t)
+            .filter(|&i| !p.fixed_weights && g[(i, i)] > 1e-14 * max_diag)
+            .collect();
+        let u = informative.len();
+        let mut gv: Vec<f64> = (0..u * u)
+            .map(|x| g[(informative[x / u], informative[x % u])])
+            .collect();
+        let mut hv: Vec<f64> = informative.iter().map(|&i| h[(i, 0)]).collect();
+        // Optional prior pulling w towards 1 (beta towards 0): + lambda ||w - 1||^2.
+        if p.beta_prior > 0.0 && u > 0 {
+            let lambda = p.beta_prior * (0..u).map(|i| gv[i * u + i]).sum::<f64>() / u as f64;
+            for i in 0..u {
+                gv[i * u + i] += lambda;
+                hv[i] += lambda;
+            }
         }
+        let mut sol = if u == 0 {
+            Nnls {
+                w: Vec::new(),
+                iterations: 0,
+                converged: true,
+            }
+        } else {
+            nnls(&gv, &hv, u, NNLS_MAX_STEPS)?
+        };
+        if let (Some((lo, hi)), true) = (p.beta_bounds, u > 0) {
+            sol = box_lstsq(&gv, &hv, u, (lo.exp(), hi.exp()), &sol.w, BOX_MAX_STEPS)?;
+        }
+        let mut full_w = vec![1f64; t];
+        for (&i, &x) in informative.iter().zip(&sol.w) {
+            full_w[i] = x;
+        }
+        sol.w = full_w;
         // A key with w = 0 would get beta = -inf; floor it so the block stays finite.
         let w: Vec<f64> = sol.w.iter().map(|&x| x.max(1e-12)).collect();
         let d = self.target.nrows();
@@ -239,8 +307,10 @@ impl Block {
             Some(v) => Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64),
             None => {
                 let (_, pt) = self.evaluate(&a, &w, Mat::<f64>::zeros(t, 1).as_ref());
-                let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64);
-                ridge_lstsq(pt.transpose(), y.as_ref(), p.ridge)?
+                let wr = &self.weight;
+                let pw = Mat::<f64>::from_fn(m, t, |r, i| pt[(i, r)] * wr[r]);
+                let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64 * wr[r]);
+                ridge_lstsq(pw.as_ref(), y.as_ref(), p.ridge)?
             }
         };
         let (fidelity, _) = self.evaluate(&a, &w, cv.as_ref());
@@ -303,6 +373,7 @@ mod tests {
             &FitParams {
                 ridge: 0.0,
                 beta_bounds: None,
+                ..FitParams::default()
             },
         )?;
         let e = f.fidelity;

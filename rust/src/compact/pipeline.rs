@@ -103,8 +103,10 @@ impl QuerySource {
 /// What the Attention-Matching fit changes in the kept keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fit {
-    /// Biases (NNLS on the mass) and values (least squares on the output).
+    /// Biases (NNLS on the mass) and values (least squares on the output): the paper's fit.
     Am,
+    /// Values only, biases left at 0 (the default: best measured on our testbed).
+    Values,
     /// Biases only; values stay the original ones.
     Beta,
     /// Nothing: the selection alone (bias 0, original values).
@@ -115,10 +117,11 @@ impl Fit {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "am" => Ok(Self::Am),
+            "values" => Ok(Self::Values),
             "beta" => Ok(Self::Beta),
             "none" => Ok(Self::None),
             _ => Err(Error::invalid(format!(
-                "fit must be \"am\", \"beta\" or \"none\", got {s:?}"
+                "fit must be \"am\", \"values\", \"beta\" or \"none\", got {s:?}"
             ))),
         }
     }
@@ -173,7 +176,7 @@ impl Options {
             } else {
                 HeadBudgets::Uniform
             },
-            fit: Fit::Am,
+            fit: Fit::Values,
             pool: Pool::Rms,
             fit_params: FitParams::default(),
             max_queries: 4096,
@@ -225,6 +228,8 @@ pub struct Scored {
     extra: usize,
     /// `[n, m]` logits of the (subsampled) reference queries, kept for the fit.
     logits: Option<Mat<f32>>,
+    /// Keys each of those queries sees (causal sources).
+    fit_visible: Option<Vec<usize>>,
     /// Scores of the middle keys `sink..n - recent`.
     pub scores: Vec<f32>,
 }
@@ -278,6 +283,7 @@ pub fn score_layer(
                 n,
                 extra,
                 logits: None,
+                fit_visible: None,
                 scores: Vec::new(),
             };
             let (lo, hi) = s.window(opts);
@@ -303,8 +309,7 @@ pub fn score_layer(
             let picked: Vec<usize> = match keep_logits {
                 false => Vec::new(),
                 true if rows > opts.max_queries => {
-                    let mut rng =
-                        StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
+                    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
                     let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
                     p.sort_unstable();
                     p
@@ -334,6 +339,7 @@ pub fn score_layer(
                 s.scores = avg_pool(&s.scores, opts.kernel);
             }
             let lt = fit_lt;
+            s.fit_visible = visible(&picked);
             s.logits = lt;
             Ok(s)
         })
@@ -347,6 +353,22 @@ pub fn score_layer(
         heads.iter_mut().for_each(|s| s.scores = mean.clone());
     }
     Ok(heads)
+}
+
+/// Per query (column of `lt [n, m]`): the max logit and the total `exp(logit - max)` over the
+/// keys it sees.
+fn whole_attention(lt: &Mat<f32>, visible: Option<&[usize]>) -> (Vec<f32>, Vec<f64>) {
+    let (n, m) = lt.shape();
+    let mut buf = vec![0f32; n];
+    (0..m)
+        .map(|r| {
+            let upto = visible.map_or(n, |v| v[r].min(n));
+            let p = &mut buf[..upto];
+            p.copy_from_slice(&lt.col_as_slice(r)[..upto]);
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (max, crate::compact::exp::exp_shifted(p, max))
+        })
+        .unzip()
 }
 
 /// Middle keys each head keeps under a uniform budget.
@@ -431,17 +453,31 @@ pub fn apply_layer(
             let (mut new_v, mut new_b) = (s.v[..lo * d].to_vec(), s.bias[..lo].to_vec());
             let block = match &s.logits {
                 Some(lt) if !keep.is_empty() => {
-                    Some(Block::new(lt.as_ref().subrows(lo, hi - lo), mid_v, d)?)
+                    let whole = opts
+                        .fit_params
+                        .weighted
+                        .then(|| whole_attention(lt, s.fit_visible.as_deref()));
+                    let whole = whole.as_ref().map(|(m, t)| (m.as_slice(), t.as_slice()));
+                    Some(Block::in_context(
+                        lt.as_ref().subrows(lo, hi - lo),
+                        mid_v,
+                        d,
+                        whole,
+                    )?)
                 }
                 _ => None,
             };
             match &block {
                 Some(b) if opts.fits() => {
+                    let mut params = opts.fit_params;
+                    if opts.fit == Fit::Values {
+                        params.fixed_weights = true;
+                    }
                     let fit = b.fit(
                         &keep,
                         &s.bias[lo..hi],
                         (opts.fit == Fit::Beta).then_some(mid_v),
-                        &opts.fit_params,
+                        &params,
                     )?;
                     outcome = HeadOutcome {
                         fidelity: Some(fit.fidelity),

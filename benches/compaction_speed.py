@@ -1,0 +1,108 @@
+"""Speed of Attention-Matching compaction on CPU vs context length.
+
+    python benches/compaction_speed.py [--models small,0.6b] [--lengths 1024,2048,4096]
+
+For each model and context length: the reference-query pass (the repeat prompt through the
+model, layer by layer) and the fits (scores, selection, NNLS, least squares, cache rewrite) in
+seconds, per (layer, KV head) and for the whole cache, with the fit's GFLOP/s beside a plain
+f32 matmul (numpy/OpenBLAS, same threads, same run). The 0.6B row uses random weights of the
+real Qwen3-0.6B shape (speed does not depend on weight values). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--models", default="small,0.6b")
+p.add_argument("--lengths", default="1024,2048,4096")
+p.add_argument("--ratio", type=float, default=8.0)
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--max-queries", type=int, default=4096)
+p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
+p.add_argument("--config", type=Path, default=SHARED / "configs" / "qwen3-0.6b.json")
+ARGS = p.parse_args()
+os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(ARGS.threads))
+os.environ["RAYON_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+from kvfast import Session, _native  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, d: int = 128, m: int = 4096) -> float:
+    """A plain f32 product of the fit's main shape ([n, d] x [d, m]), best of 5."""
+    a = np.random.rand(n, d).astype(np.float32)
+    b = np.random.rand(d, m).astype(np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * d * m / best / 1e9
+
+
+def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes: int) -> float:
+    """FLOPs of one head's fit: scoring every repeat query against the n + suffix keys
+    (`passes` times), the fit's target outputs, the Gram matrices and the value solve."""
+    m_all = g * suffix
+    m = min(mq, m_all)
+    t = kept
+    return passes * 2 * (n + suffix) * d * m_all + 2 * n * d * m + 2 * m * t * (2 * t + d)
+
+
+def main() -> None:
+    rows = []
+    ref = matmul_gflops()
+    for name in ARGS.models.split(","):
+        if name == "small":
+            session = Session.from_pretrained(ARGS.small)
+        else:
+            engine = _native.Engine.random(str(ARGS.config))
+            session = Session(engine, ARGS.config.parent, None)
+        c = session.config
+        layers, kv, d = c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"]
+        g = c["num_attention_heads"] // kv
+        for n in (int(x) for x in ARGS.lengths.split(",")):
+            ids = [(i * 7919) % 5000 + 10 for i in range(n)]
+            session.reset()
+            session.prefill(ids, logits=None)
+            t0 = time.perf_counter()
+            session.reset()
+            session.prefill(ids, logits=None)
+            prefill = time.perf_counter() - t0
+            r = session.compact(ratio=ARGS.ratio, max_queries=ARGS.max_queries)
+            heads = layers * kv
+            flops = heads * fit_flops(
+                n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 2
+            )
+            rows.append(
+                (
+                    name,
+                    n,
+                    prefill,
+                    r.seconds_queries,
+                    r.seconds_fit,
+                    r.seconds_fit / heads * 1e3,
+                    flops / r.seconds_fit / 1e9,
+                )
+            )
+            print(rows[-1], flush=True)
+    print(f"\nplain f32 matmul [2048x128]x[128x4096]: {ref:.1f} GFLOP/s ({ARGS.threads} threads)\n")
+    print(
+        "| model | context | prefill s | reference queries s | fits s (whole cache) "
+        "| fit ms per (layer, head) | fit GFLOP/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, n, pf, q, f, per, gf in rows:
+        print(f"| {name} | {n} | {pf:.2f} | {q:.2f} | {f:.2f} | {per:.0f} | {gf:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
