@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "am head_budgets=uniform": {"method": "am", "head_budgets": "uniform"},
     "am off-policy": {"method": "am", "on_policy": False},
     "am fit=am (paper: beta + values)": {"method": "am", "fit": "am"},
-    "am fit=am, exact NNLS": {"method": "am", "fit": "am", "beta_bounds": None},
+    "am fit=am exact NNLS": {"method": "am", "fit": "am", "beta_bounds": None},
     "am fit=beta": {"method": "am", "fit": "beta"},
     "am fit=none": {"method": "am", "fit": "none"},
     "kvzip": {"method": "kvzip"},
@@ -67,13 +67,18 @@ def needle_cases(s: Session, hay: list[int], n: int, length: int, seed: int) -> 
     return cases
 
 
+def recent_for(budget: float) -> int:
+    """The exact recent window: 64 tokens, or a quarter of the budget when that is smaller."""
+    return int(min(64, budget // 4))
+
+
 def run_needles(s: Session, cases: list[dict], kw: dict | None, ratio: float) -> dict:
     hits, kls, secs, byts = 0, [], [], []
     for c in cases:
         s.reset()
         s.prefill(c["context"], logits=None)
         if kw is not None:
-            r = s.compact(ratio=ratio, **kw)
+            r = s.compact(ratio=ratio, recent=recent_for(s.cache_len / ratio), **kw)
             secs.append(r.seconds)
         byts.append(s.cache_info()["bytes"])
         logits = s.prefill(c["question"], logits="all")
@@ -103,7 +108,7 @@ def run_ppl(
         s.reset()
         s.prefill(ids[start : start + context], logits=None)
         if kw is not None:
-            s.compact(ratio=ratio, **kw)
+            s.compact(ratio=ratio, recent=recent_for(s.cache_len / ratio), **kw)
         nll.extend(s.score(ids[start + context : start + context + cont]).tolist())
     return {"ppl": math.exp(float(np.mean(nll)))}
 
@@ -123,6 +128,9 @@ def main() -> None:
         help="ratio at which the am ablations run (the main methods run at all)",
     )
     p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--skip", default="", help="variant@ratio pairs already measured, e.g. am@4")
+    p.add_argument("--main", default="am,kvzip,snapkv,h2o,streaming",
+                   help="variants run at every ratio (the others at --ablation-ratio only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
@@ -133,13 +141,16 @@ def main() -> None:
     cases = needle_cases(s, hay, a.cases, a.length, a.seed)
     ratios = [float(r) for r in a.ratios.split(",")]
     names = [n.strip() for n in a.variants.split(",")]
-    main_methods = {"am", "kvzip", "snapkv", "h2o", "streaming"}
+    main_methods = set(a.main.split(","))
+    skip = set(a.skip.split(","))
     results: list[dict] = []
     t0 = time.time()
     for name in names:
         kw = VARIANTS[name]
         for ratio in [1.0] if kw is None else ratios:
             if kw is not None and name not in main_methods and ratio != a.ablation_ratio:
+                continue
+            if f"{name}@{ratio:g}" in skip:
                 continue
             row = {"variant": name, "ratio": ratio}
             row.update(run_needles(s, cases, kw, ratio))

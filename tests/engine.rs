@@ -22,6 +22,18 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Largest absolute elementwise difference of two f32 tensors.
+fn tensor_diff(x: &candle_core::Tensor, y: &candle_core::Tensor) -> f32 {
+    (x - y)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn pieces_equal_one_pass_across_chunk_boundaries() {
     let n = PREFILL_CHUNK + 100;
@@ -87,15 +99,7 @@ fn query_capture_leaves_outputs_unchanged() {
         .model
         .forward_capture(&all, &mut b.cache, Some(&mut qs))
         .unwrap();
-    let diff = (ha - hb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(tensor_diff(&ha, &hb), 0.0);
     assert_eq!(qs.len(), 4);
     assert!(qs.iter().all(|q| q.dims() == [4, 40, 64]));
 }
@@ -159,16 +163,7 @@ fn layerwise_forward_equals_the_token_major_pass() {
         .forward_layerwise(&all, &mut a.cache, 100, &mut hook)
         .unwrap();
     assert_eq!(a.cache.next_position(), all.len());
-    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| -> f32 {
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = tensor_diff;
     for l in 0..4 {
         assert!(diff(&got_q[l], &want_q[l]) < 1e-4, "layer {l} queries");
         for h in 0..2 {
