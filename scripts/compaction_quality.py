@@ -33,6 +33,7 @@ QUESTION = (
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
     "am": {"method": "am"},
+    "am score=max": {"method": "am", "score": "max"},
     "am queries=context": {"method": "am", "queries": "context"},
     "am head_budgets=uniform": {"method": "am", "head_budgets": "uniform"},
     "am off-policy": {"method": "am", "on_policy": False},
