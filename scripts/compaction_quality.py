@@ -130,8 +130,11 @@ def main() -> None:
     )
     p.add_argument("--ppl-windows", type=int, default=4)
     p.add_argument("--skip", default="", help="variant@ratio pairs already measured, e.g. am@4")
-    p.add_argument("--main", default="am,kvzip,snapkv,h2o,streaming",
-                   help="variants run at every ratio (the others at --ablation-ratio only)")
+    p.add_argument(
+        "--main",
+        default="am,kvzip,snapkv,h2o,streaming",
+        help="variants run at every ratio (the others at --ablation-ratio only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
