@@ -339,14 +339,10 @@ class Session:
             raise NotImplementedError('head_budgets="entropy" is not implemented yet')
         elif head_budgets is not None:
             table = load_head_budgets(head_budgets)
-        info = self._engine.cache_info()
-        per_head = [n for layer in info["tokens_per_head"] for n in layer]
-        if layers is not None:
-            per_head = (
-                [n for i in layers for n in info["tokens_per_head"][i]]
-                if all(isinstance(i, int) and 0 <= i < len(info["tokens_per_head"]) for i in layers)
-                else per_head
-            )
+        rows = self._engine.cache_info()["tokens_per_head"]
+        # The budget is relative to the compacted layers (bad indices are the engine's to report).
+        chosen = [rows[i] for i in layers or () if isinstance(i, int) and 0 <= i < len(rows)]
+        per_head = [n for layer in chosen or rows for n in layer]
         mean = sum(per_head) / len(per_head) if per_head else 0.0
         if table is not None and ratio is None and budget is None:
             budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))

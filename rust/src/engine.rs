@@ -348,7 +348,7 @@ impl Engine {
 
     fn compact_inner(&mut self, opts: &Options, suffix: Option<&[u32]>) -> Result<CompactReport> {
         let layers = self.validate(opts, suffix)?;
-        let scale = 1.0 / (self.cache.head_dim() as f32).sqrt();
+        let scale = self.model.attention_scale() as f32;
         let tokens_before = self.cache.tokens_per_head();
         let bytes_before = self.cache.bytes_used();
         let n_layers = self.cache.n_layers();

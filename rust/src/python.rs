@@ -304,7 +304,6 @@ impl Engine {
             beta_bounds,
             weighted,
             beta_prior,
-            fixed_weights: false,
         };
         o.max_queries = max_queries;
         o.on_policy = on_policy;

@@ -44,6 +44,12 @@ pub fn exp_shifted(x: &mut [f32], shift: f32) -> f64 {
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
 
+/// Softmax numerator of one row in place: `x[i] = exp(x[i] - max)`; returns `(max, sum)`.
+pub fn exp_from_max(x: &mut [f32]) -> (f32, f64) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, exp_shifted(x, max))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

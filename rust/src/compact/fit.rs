@@ -21,6 +21,33 @@ const NNLS_MAX_STEPS: usize = 64;
 /// Iterations of the bounded (box) refinement of the weights.
 const BOX_MAX_STEPS: usize = 500;
 
+/// What the Attention-Matching fit changes in the kept keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Biases (NNLS on the mass) and values (least squares on the output): the paper's fit.
+    Am,
+    /// Values only, biases left at 0 (the default: best measured on our testbed).
+    Values,
+    /// Biases only; values stay the original ones.
+    Beta,
+    /// Nothing: the selection alone (bias 0, original values).
+    None,
+}
+
+impl Fit {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "am" => Ok(Self::Am),
+            "values" => Ok(Self::Values),
+            "beta" => Ok(Self::Beta),
+            "none" => Ok(Self::None),
+            _ => Err(Error::invalid(format!(
+                "fit must be \"am\", \"values\", \"beta\" or \"none\", got {s:?}"
+            ))),
+        }
+    }
+}
+
 /// Settings of one fit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FitParams {
@@ -32,8 +59,6 @@ pub struct FitParams {
     pub weighted: bool,
     /// Ridge pulling w = exp(beta) towards 1, relative to the mean diagonal of AᵀA (0: none).
     pub beta_prior: f64,
-    /// Skip the mass fit: w = 1 (beta = 0), only the values are fitted.
-    pub fixed_weights: bool,
 }
 
 /// beta in [-3, 3] (the reference code's bounds): on `qwen3-small` needles at 8x the exact
@@ -48,7 +73,6 @@ impl Default for FitParams {
             beta_bounds: Some(DEFAULT_BETA_BOUNDS),
             weighted: true,
             beta_prior: 0.0,
-            fixed_weights: false,
         }
     }
 }
@@ -174,10 +198,6 @@ impl Block {
         })
     }
 
-    pub fn n_keys(&self) -> usize {
-        self.e.nrows()
-    }
-
     /// `[t, m]` f64: the kept keys' rows of `e`.
     fn kept(&self, keep: &[u32]) -> Mat<f64> {
         Mat::from_fn(keep.len(), self.e.ncols(), |i, r| {
@@ -185,12 +205,10 @@ impl Block {
         })
     }
 
-    /// Errors of keeping `keep` with weights `w` (mass multipliers) and values `[t, d]`.
-    fn evaluate(&self, a: &Mat<f64>, w: &[f64], values: MatRef<f64>) -> (Fidelity, Mat<f64>) {
+    /// The kept keys' mass under weights `w` per query, and `P^T [t, m]`, their softmax.
+    fn kept_softmax(a: &Mat<f64>, w: &[f64]) -> (Vec<f64>, Mat<f64>) {
         let (t, m) = a.shape();
-        let d = values.ncols();
         let mut fitted = vec![0f64; m];
-        // P^T [t, m]: the biased softmax over the kept keys.
         let mut pt = Mat::<f64>::zeros(t, m);
         for r in 0..m {
             let s: f64 = (0..t).map(|i| a[(i, r)] * w[i]).sum();
@@ -199,6 +217,14 @@ impl Block {
                 pt[(i, r)] = a[(i, r)] * w[i] / s.max(f64::MIN_POSITIVE);
             }
         }
+        (fitted, pt)
+    }
+
+    /// Errors of keeping `keep` with weights `w` (mass multipliers) and values `[t, d]`.
+    fn evaluate(&self, a: &Mat<f64>, w: &[f64], values: MatRef<f64>) -> Fidelity {
+        let (_, m) = a.shape();
+        let d = values.ncols();
+        let (fitted, pt) = Self::kept_softmax(a, w);
         let mut out = Mat::<f64>::zeros(d, m);
         matmul(
             out.as_mut(),
@@ -218,11 +244,10 @@ impl Block {
                 on += y * y;
             }
         }
-        let fid = Fidelity {
+        Fidelity {
             mass_rel_err: (me / mn).sqrt(),
             out_rel_err: (oe / on.max(f64::MIN_POSITIVE)).sqrt(),
-        };
-        (fid, pt)
+        }
     }
 
     /// Fidelity of keeping `keep` as they are (beta = 0, original values `v [n, d]`): what the
@@ -230,27 +255,13 @@ impl Block {
     pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
         let a = self.kept(keep);
         let vals = Mat::<f64>::from_fn(keep.len(), d, |i, c| v[keep[i] as usize * d + c] as f64);
-        self.evaluate(&a, &vec![1.0; keep.len()], vals.as_ref()).0
+        self.evaluate(&a, &vec![1.0; keep.len()], vals.as_ref())
     }
 
-    /// Fits beta (NNLS on the mass) and values (ridge least squares on the outputs) for `keep`.
-    /// `ridge` scales a Tikhonov term by the mean diagonal of PᵀP; `bias` is the block's
-    /// current bias, to which log w is added.
-    /// `v`: the block's values `[n, d]` to keep as they are (fit the biases only), or None to
-    /// fit the values too.
-    pub fn fit(
-        &self,
-        keep: &[u32],
-        bias: &[f32],
-        v: Option<&[f32]>,
-        p: &FitParams,
-    ) -> Result<HeadFit> {
-        let t = keep.len();
-        if t == 0 {
-            return Err(Error::invalid("fit: nothing kept"));
-        }
-        let a = self.kept(keep);
-        let m = a.ncols();
+    /// w = exp(beta) >= 0 from NNLS on the mass equations `A^T w ~ mass` (`a` is `[t, m]`),
+    /// refined into `p.beta_bounds` when set.
+    fn fit_weights(&self, a: &Mat<f64>, p: &FitParams) -> Result<Nnls> {
+        let (t, m) = a.shape();
         let mut g = Mat::<f64>::zeros(t, t);
         matmul(
             g.as_mut(),
@@ -266,9 +277,7 @@ impl Block {
         // Keys no reference query attends to (zero columns) carry no evidence: they keep
         // w = 1, and the solve runs on the others (a zero column also makes G singular).
         let max_diag = (0..t).map(|i| g[(i, i)]).fold(0f64, f64::max);
-        let informative: Vec<usize> = (0..t)
-            .filter(|&i| !p.fixed_weights && g[(i, i)] > 1e-14 * max_diag)
-            .collect();
+        let informative: Vec<usize> = (0..t).filter(|&i| g[(i, i)] > 1e-14 * max_diag).collect();
         let u = informative.len();
         let mut gv: Vec<f64> = (0..u * u)
             .map(|x| g[(informative[x / u], informative[x % u])])
@@ -299,21 +308,52 @@ impl Block {
             full_w[i] = x;
         }
         sol.w = full_w;
+        Ok(sol)
+    }
+
+    /// Fits what `what` asks for on the kept keys `keep`: beta by NNLS on the mass (`Am`,
+    /// `Beta`), values by ridge least squares on the outputs (`Am`, `Values`). `bias` is the
+    /// block's current bias, to which log w is added; `v [n, d]` its values, kept as they are
+    /// where they are not fitted.
+    pub fn fit(
+        &self,
+        keep: &[u32],
+        bias: &[f32],
+        v: &[f32],
+        what: Fit,
+        p: &FitParams,
+    ) -> Result<HeadFit> {
+        let t = keep.len();
+        if t == 0 {
+            return Err(Error::invalid("fit: nothing kept"));
+        }
+        let a = self.kept(keep);
+        let m = a.ncols();
+        let sol = if matches!(what, Fit::Am | Fit::Beta) {
+            self.fit_weights(&a, p)?
+        } else {
+            Nnls {
+                w: vec![1.0; t],
+                iterations: 0,
+                converged: true,
+            }
+        };
         // A key with w = 0 would get beta = -inf; floor it so the block stays finite.
         let w: Vec<f64> = sol.w.iter().map(|&x| x.max(1e-12)).collect();
         let d = self.target.nrows();
-        let cv = match v {
-            // Biases only: the kept keys keep their values.
-            Some(v) => Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64),
-            None => {
-                let (_, pt) = self.evaluate(&a, &w, Mat::<f64>::zeros(t, 1).as_ref());
+        let cv = match what {
+            Fit::Am | Fit::Values => {
+                let (_, pt) = Self::kept_softmax(&a, &w);
                 let wr = &self.weight;
                 let pw = Mat::<f64>::from_fn(m, t, |r, i| pt[(i, r)] * wr[r]);
                 let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64 * wr[r]);
                 ridge_lstsq(pw.as_ref(), y.as_ref(), p.ridge)?
             }
+            Fit::Beta | Fit::None => {
+                Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64)
+            }
         };
-        let (fidelity, _) = self.evaluate(&a, &w, cv.as_ref());
+        let fidelity = self.evaluate(&a, &w, cv.as_ref());
         Ok(HeadFit {
             bias: keep
                 .iter()
@@ -333,7 +373,7 @@ impl Block {
 /// Fits the kept keys `keep` of a whole head (every key in the block).
 pub fn fit_head(h: &HeadData, keep: &[u32], p: &FitParams) -> Result<HeadFit> {
     let lt = logits_t(h.q, h.k, h.bias, h.d, h.scale);
-    Block::new(lt.as_ref(), h.v, h.d)?.fit(keep, h.bias, None, p)
+    Block::new(lt.as_ref(), h.v, h.d)?.fit(keep, h.bias, h.v, Fit::Am, p)
 }
 
 #[cfg(test)]
@@ -398,7 +438,7 @@ mod tests {
         let block = Block::new(lt.as_ref(), &v, d)?;
         let score: Vec<f32> = (0..n).map(|j| (0..m).map(|r| lt[(j, r)]).sum()).collect();
         let keep = top_k(&score, n / 2);
-        let fit = block.fit(&keep, &bias, None, &FitParams::default())?;
+        let fit = block.fit(&keep, &bias, &v, Fit::Am, &FitParams::default())?;
         let raw = block.raw_fidelity(&keep, &v, d);
         let all: Vec<u32> = (0..n as u32).collect();
         assert!(block.raw_fidelity(&all, &v, d).out_rel_err < 1e-6);

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 const SCORE_CHUNK: usize = 2048;
 
 use crate::cache::KvCache;
+pub use crate::compact::fit::Fit;
 use crate::compact::fit::{logits_t, Block, Fidelity, FitParams};
 use crate::compact::select::{allocate, avg_pool, baseline, top_k, Baseline, Pool, ScoreAcc};
 use crate::error::{Error, Result};
@@ -100,33 +101,6 @@ impl QuerySource {
     }
 }
 
-/// What the Attention-Matching fit changes in the kept keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fit {
-    /// Biases (NNLS on the mass) and values (least squares on the output): the paper's fit.
-    Am,
-    /// Values only, biases left at 0 (the default: best measured on our testbed).
-    Values,
-    /// Biases only; values stay the original ones.
-    Beta,
-    /// Nothing: the selection alone (bias 0, original values).
-    None,
-}
-
-impl Fit {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "am" => Ok(Self::Am),
-            "values" => Ok(Self::Values),
-            "beta" => Ok(Self::Beta),
-            "none" => Ok(Self::None),
-            _ => Err(Error::invalid(format!(
-                "fit must be \"am\", \"values\", \"beta\" or \"none\", got {s:?}"
-            ))),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeadBudgets {
     /// One model-wide pool filled by a global top-k over every head's key scores.
@@ -186,10 +160,6 @@ impl Options {
             window: 64,
             kernel: 5,
         }
-    }
-
-    pub fn compacts(&self, layer: usize) -> bool {
-        self.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
     }
 
     /// Whether this run fits anything.
@@ -338,9 +308,8 @@ pub fn score_layer(
             if opts.method == Method::SnapKv {
                 s.scores = avg_pool(&s.scores, opts.kernel);
             }
-            let lt = fit_lt;
             s.fit_visible = visible(&picked);
-            s.logits = lt;
+            s.logits = fit_lt;
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -365,8 +334,7 @@ fn whole_attention(lt: &Mat<f32>, visible: Option<&[usize]>) -> (Vec<f32>, Vec<f
             let upto = visible.map_or(n, |v| v[r].min(n));
             let p = &mut buf[..upto];
             p.copy_from_slice(&lt.col_as_slice(r)[..upto]);
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            (max, crate::compact::exp::exp_shifted(p, max))
+            crate::compact::exp::exp_from_max(p)
         })
         .unzip()
 }
@@ -469,16 +437,7 @@ pub fn apply_layer(
             };
             match &block {
                 Some(b) if opts.fits() => {
-                    let mut params = opts.fit_params;
-                    if opts.fit == Fit::Values {
-                        params.fixed_weights = true;
-                    }
-                    let fit = b.fit(
-                        &keep,
-                        &s.bias[lo..hi],
-                        (opts.fit == Fit::Beta).then_some(mid_v),
-                        &params,
-                    )?;
+                    let fit = b.fit(&keep, &s.bias[lo..hi], mid_v, opts.fit, &opts.fit_params)?;
                     outcome = HeadOutcome {
                         fidelity: Some(fit.fidelity),
                         nnls_converged: fit.nnls_converged,

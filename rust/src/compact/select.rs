@@ -112,8 +112,7 @@ impl ScoreAcc {
                     .enumerate()
                     .for_each(|(j, x)| *x = logits_t[(j, r)]),
             }
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = (1.0 / crate::compact::exp::exp_shifted(p, max)) as f32;
+            let inv = (1.0 / crate::compact::exp::exp_from_max(p).1) as f32;
             for (a, &x) in self.acc.iter_mut().zip(p.iter()) {
                 let x = (x * inv) as f64;
                 match self.pool {

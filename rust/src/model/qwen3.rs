@@ -190,6 +190,11 @@ impl Qwen3 {
         self.weight_bytes
     }
 
+    /// The softmax scale of attention logits, 1/sqrt(head_dim).
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / (self.cfg.head_dim as f64).sqrt()
+    }
+
     pub fn new_cache(&self) -> Result<KvCache> {
         KvCache::new(
             self.cfg.num_hidden_layers,
@@ -245,7 +250,6 @@ impl Qwen3 {
         hook: &mut dyn FnMut(usize, &Tensor, &mut KvCache) -> Result<()>,
     ) -> Result<()> {
         let t = ids.len();
-        let d = self.cfg.head_dim;
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         let (cos, sin) = self
@@ -264,7 +268,7 @@ impl Qwen3 {
                 cache.append(l, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
                 if l < last {
                     let qc = q.narrow(1, start, len)?;
-                    outs.push(attend(&qc, &cache.layers[l], 1.0 / (d as f64).sqrt())?);
+                    outs.push(attend(&qc, &cache.layers[l], self.attention_scale())?);
                 }
             }
             if l < last {
@@ -334,11 +338,7 @@ impl Qwen3 {
     ) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = self.qkv(layer, x, cos, sin)?;
         cache.append(l, &k, &v)?;
-        let attn = attend(
-            &q,
-            &cache.layers[l],
-            1.0 / (self.cfg.head_dim as f64).sqrt(),
-        )?;
+        let attn = attend(&q, &cache.layers[l], self.attention_scale())?;
         Ok((self.finish(layer, x, &attn)?, q))
     }
 
