@@ -220,11 +220,7 @@ impl Qwen3 {
         mut queries: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let t = ids.len();
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
-        let (cos, sin) = self
-            .rope
-            .tables(cache.next_position(), t, self.dtype, &self.device)?;
+        let (mut x, cos, sin) = self.embed_tokens(ids, cache.next_position())?;
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, q) = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
             if let Some(qs) = queries.as_deref_mut() {
@@ -234,6 +230,17 @@ impl Qwen3 {
         }
         cache.advance(t);
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
+    }
+
+    /// Embeddings of `ids` in the compute dtype and the RoPE tables of their positions, which
+    /// start at `start`.
+    fn embed_tokens(&self, ids: &[u32], start: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let idx = Tensor::new(ids, &self.device)?;
+        let x = self.embed.index_select(&idx, 0)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self
+            .rope
+            .tables(start, ids.len(), self.dtype, &self.device)?;
+        Ok((x, cos, sin))
     }
 
     /// Runs `ids` layer by layer (all tokens through layer `l` before layer `l + 1`) and calls
@@ -250,11 +257,7 @@ impl Qwen3 {
         hook: &mut dyn FnMut(usize, &Tensor, &mut KvCache) -> Result<()>,
     ) -> Result<()> {
         let t = ids.len();
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
-        let (cos, sin) = self
-            .rope
-            .tables(cache.next_position(), t, self.dtype, &self.device)?;
+        let (mut x, cos, sin) = self.embed_tokens(ids, cache.next_position())?;
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
