@@ -16,6 +16,9 @@ CONTEXT = (
 ) * 12
 
 
+QUESTION = "What did the keeper light?"
+
+
 def prefilled(session: Session) -> list[int]:
     ids = session.encode(CONTEXT)
     session.prefill(ids, logits=None)
@@ -107,10 +110,70 @@ def test_head_budget_table_from_json(session: Session, tmp_path: Path) -> None:
     assert r.budget == 50
 
 
-def test_task_guided_compaction(session: Session) -> None:
+def test_chunked_fit_bounds_blocks_and_matches_one_chunk_when_large(session: Session) -> None:
+    ids = prefilled(session)
+    probe = session.encode(" The keeper")
+
+    def after(**kw: object) -> tuple[CompactionReport, np.ndarray]:
+        session.reset()
+        session.prefill(ids, logits=None)
+        r = session.compact(ratio=4, recent=16, **kw)
+        return r, np.asarray(session.prefill(probe, logits="all"))
+
+    base, want = after()
+    same, got = after(chunk_size=len(ids))
+    np.testing.assert_array_equal(got, want)
+    chunked, other = after(chunk_size=32)
+    # Same selection and memory; the fit differs (each chunk matched alone) but still fits.
+    assert chunked.tokens_per_head_after == base.tokens_per_head_after
+    assert chunked.bytes_after == base.bytes_after
+    assert not np.array_equal(other, want) and np.all(np.isfinite(other))
+    fids = [f.out_rel_err for f in chunked.layer_fidelity if f is not None]
+    assert fids and all(0 <= e < 1 for e in fids)
+    with pytest.raises(ValueError, match="chunk_size"):
+        session.compact(ratio=2, chunk_size=0)
+
+
+def test_entropy_budgets_split_one_pool_unevenly(session: Session) -> None:
     prefilled(session)
-    r = session.compact(ratio=4, task="What did the keeper light?", recent=16)
+    r = session.compact(budget=48, head_budgets="entropy", recent=16)
+    kept = [n for layer in r.tokens_per_head_after for n in layer]
+    # The pool is the uniform budget's, every head keeps sink + recent, the split follows the
+    # heads' attention entropy (not all equal) and differs from the global top-k split.
+    assert sum(kept) == 48 * len(kept)
+    assert min(kept) >= 20 and len(set(kept)) > 1
+    session.reset()
+    prefilled(session)
+    g = session.compact(budget=48, head_budgets="global", recent=16)
+    assert g.tokens_per_head_after != r.tokens_per_head_after
+    assert session.generate(max_new_tokens=4) is not None
+
+
+def test_task_guided_compaction_shares_one_selection_per_layer(session: Session) -> None:
+    prefilled(session)
+    r = session.compact(ratio=4, task=QUESTION, recent=16)
     assert 0 < r.query_tokens < 40
+    # One selection per layer (Latent Briefing): every head of a layer keeps the same count,
+    # at most the budget; a strict threshold keeps fewer keys than a loose one.
+    assert all(len(set(layer)) == 1 for layer in r.tokens_per_head_after)
+    assert all(n <= r.budget for layer in r.tokens_per_head_after for n in layer)
+    kept = {}
+    for tau in (0.0, 50.0):
+        session.reset()
+        prefilled(session)
+        t = session.compact(
+            ratio=4, task="What did the keeper light?", recent=16, task_threshold=tau
+        )
+        kept[tau] = sum(map(sum, t.tokens_per_head_after))
+    assert kept[50.0] < kept[0.0]
+    # Without a threshold the heads select on their own (global budgets spend the pool).
+    session.reset()
+    prefilled(session)
+    own = session.compact(
+        ratio=4, task="What did the keeper light?", recent=16, task_threshold=None
+    )
+    assert sum(map(sum, own.tokens_per_head_after)) >= kept[0.0]
+    assert session.generate(max_new_tokens=4) is not None
 
 
 @pytest.mark.parametrize(
@@ -125,7 +188,7 @@ def test_task_guided_compaction(session: Session) -> None:
         ({"ratio": 2, "method": "magic"}, "unknown method"),
         ({"ratio": 2, "queries": "oracle"}, "unknown query source"),
         ({"ratio": 2, "fit": "weights"}, "fit must be"),
-        ({"ratio": 2, "head_budgets": "nonsense"}, "neither"),
+        ({"ratio": 2, "head_budgets": "nonsense"}, "is not"),
         ({"ratio": 2, "layers": [7]}, "layers"),
         ({"ratio": 2, "beta_bounds": (3.0, -3.0)}, "beta_bounds"),
         ({"ratio": 2, "task": "why?", "method": "snapkv"}, "task"),
@@ -161,5 +224,3 @@ def test_not_yet_implemented_options_say_so(session: Session) -> None:
     prefilled(session)
     with pytest.raises(NotImplementedError, match="self-study"):
         session.compact(ratio=2, queries="self-study")
-    with pytest.raises(NotImplementedError, match="entropy"):
-        session.compact(ratio=2, head_budgets="entropy")

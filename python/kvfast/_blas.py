@@ -24,7 +24,7 @@ def load_default_blas() -> bool:
         if choice:
             _native.load_blas(choice, "")
             return True
-        import scipy_openblas32 as sob
+        import scipy_openblas32 as sob  # type: ignore[import-untyped]
 
         path = os.path.join(sob.get_lib_dir(), sob.get_library(fullname=True))
         _native.load_blas(path, "scipy_")

@@ -92,7 +92,7 @@ class Engine:
         layers: list[int] | None = None,
         seed: int = 0,
         score: str = "rms",
-        ridge: float = 1e-6,
+        ridge: float | None = None,
         max_queries: int = 4096,
         on_policy: bool = True,
         window: int = 64,
@@ -100,6 +100,8 @@ class Engine:
         beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
         weighted: bool = True,
         beta_prior: float = 0.0,
+        shared_mad: float | None = None,
+        chunk_size: int = 4096,
     ) -> dict[str, Any]:
         """Compact the cache to `budget` keys per head on average; returns a report dict
         (tokens_before/after per [layer][head], bytes_before/after, seconds_queries,

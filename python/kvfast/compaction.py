@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("am", "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random")
+METHODS = ("am", "am-omp", "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random")
 QUERY_SOURCES = ("repeat", "context")
 #: The instruction of the "repeat" reference queries (the paper's context-reconstruction task).
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
@@ -147,7 +147,7 @@ def load_head_budgets(path: str | os.PathLike[str]) -> list[list[int]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(
-            f'head_budgets={str(path)!r} is neither "global", "uniform" nor a JSON file'
+            f'head_budgets={str(path)!r} is not "global", "uniform", "entropy" or a JSON file'
         )
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -293,21 +293,28 @@ class Session:
         seed: int = 0,
         score: str = "rms",
         max_queries: int = 4096,
-        ridge: float = 1e-6,
+        ridge: float | None = None,
         on_policy: bool = True,
         beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
         beta_prior: float = 0.0,
+        task_threshold: float | None = 3.0,
+        chunk_size: int = 4096,
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
         `method`: "am" (Attention Matching: keys with the highest attention from reference
         queries, biases fitted by NNLS on the attention mass, values by least squares on the
-        attention output) or a baseline that keeps original keys and values with bias 0:
+        attention output), "am-omp" (the same fit on keys chosen by orthogonal matching pursuit
+        on the attention mass) or a baseline that keeps original keys and values with bias 0:
         "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
         `queries` (am): "repeat" (prefill a scratch prompt asking to repeat the context, then
         the context; its queries are the references, computed layer by layer on the already
         compacted layers when `on_policy`) or "context" (the context's own queries, re-run).
-        `task`: a question whose queries replace the repeat prompt (task-guided compaction).
+        `task`: a question whose queries replace the repeat prompt (task-guided compaction,
+        the Latent Briefing variant): the heads of a layer share one selection, the keys whose
+        head-averaged score exceeds median + `task_threshold` * MAD, at most the budget (so a
+        focused question may keep fewer keys); `task_threshold=None` lets each head select
+        its own budget instead.
         `head_budgets`: "global" (one pool over every head by a global top-k of key scores;
         the default for am and kvzip), "uniform" (the default for the other baselines, as
         published), a `[layer][kv_head]` table or a JSON file holding one. `fit`: "values" (the
@@ -315,6 +322,10 @@ class Session:
         worse on our testbed, see docs/compaction.md), "beta" or "none" (ablations). `sink`
         first and `recent` last tokens stay exact. With `fit="am"`, `beta_bounds` keeps the
         fitted log-weights in a range (None: exact NNLS) and `beta_prior` pulls them to 0.
+        `ridge` pulls the fitted values towards the kept keys' own values (relative to the
+        problem's scale); None (the default) picks it per head on held-out reference queries.
+        Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
+        mass and output), which bounds the fit's memory on long contexts.
         Tokens added later get bias 0 and positions continuing the original context. Bad
         arguments raise ValueError and leave the cache unchanged.
         """
@@ -329,14 +340,14 @@ class Session:
         for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         table: list[list[int]] | None = None
         policy: str | None = None
         if isinstance(head_budgets, list):
             table = head_budgets
-        elif head_budgets in ("global", "uniform"):
+        elif head_budgets in ("global", "uniform", "entropy"):
             policy = str(head_budgets)
-        elif head_budgets == "entropy":
-            raise NotImplementedError('head_budgets="entropy" is not implemented yet')
         elif head_budgets is not None:
             table = load_head_budgets(head_budgets)
         rows = self._engine.cache_info()["tokens_per_head"]
@@ -348,10 +359,11 @@ class Session:
             budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))
         budget = resolve_budget(mean, ratio, budget, sink, recent)
         suffix: list[int] | None = None
-        needs_suffix = method == "kvzip" or (method == "am" and queries == "repeat")
+        is_am = method in ("am", "am-omp")
+        needs_suffix = method == "kvzip" or (is_am and queries == "repeat")
         if task is not None:
-            if method != "am":
-                raise ValueError("task= guides Attention Matching only (method='am')")
+            if not is_am:
+                raise ValueError("task= guides Attention Matching only (method='am' or 'am-omp')")
             suffix = self._prompt_ids(task)
         elif needs_suffix:
             suffix = self._repeat_ids()
@@ -372,6 +384,8 @@ class Session:
             on_policy=on_policy,
             beta_bounds=beta_bounds,
             beta_prior=beta_prior,
+            shared_mad=task_threshold if task is not None else None,
+            chunk_size=chunk_size,
         )
         return CompactionReport.from_native(method, budget, report)
 

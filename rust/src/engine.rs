@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::cache::KvCache;
 use crate::compact::pipeline::{
-    apply_layer, global_counts, score_layer, uniform_counts, HeadBudgets, HeadOutcome,
-    LayerQueries, Method, Options, QuerySource, Scored,
+    apply_layer, global_counts, score_layer, shared_selection, uniform_counts, HeadBudgets,
+    HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
 };
 use crate::config::ModelConfig;
 use crate::device::{parse_device, parse_dtype};
@@ -323,7 +323,7 @@ impl Engine {
     fn query_tail(&self, opts: &Options) -> Option<usize> {
         let n = self.cache.next_position();
         match opts.method {
-            Method::Am if opts.queries == QuerySource::Context => Some(n),
+            m if m.is_am() && opts.queries == QuerySource::Context => Some(n),
             Method::H2o => Some(n),
             Method::SnapKv => Some(opts.window.min(n)),
             Method::Tova => Some(1),
@@ -374,13 +374,29 @@ impl Engine {
                         .min(s.middle(opts))
                 })
                 .collect(),
-            HeadBudgets::Global if needs => {
-                global.as_ref().expect("global counts computed first")[l].clone()
+            HeadBudgets::Global | HeadBudgets::Entropy if global.is_some() => {
+                global.as_ref().expect("checked")[l].clone()
             }
             _ => uniform_counts(scored, opts),
         };
-        let on_policy = opts.method == Method::Am && tail.is_none() && opts.on_policy;
-        let global_needed = needs && opts.head_budgets == HeadBudgets::Global;
+        // A task-guided shared selection overrides the per-head counts where heads line up.
+        let layer_counts = |l: usize, scored: &mut [Scored], global: &Option<Vec<Vec<usize>>>| {
+            let limit = uniform_counts(scored, opts).into_iter().min().unwrap_or(0);
+            match opts
+                .shared_mad
+                .and_then(|tau| shared_selection(scored, tau, limit))
+            {
+                Some(c) => vec![c; scored.len()],
+                None => counts_for(l, scored, global),
+            }
+        };
+        let on_policy = opts.method.is_am() && tail.is_none() && opts.on_policy;
+        let global_needed = needs
+            && opts.shared_mad.is_none()
+            && matches!(
+                opts.head_budgets,
+                HeadBudgets::Global | HeadBudgets::Entropy
+            );
         let mut query_tokens = 0;
 
         // Off-policy reference queries: the context's own tail (re-run in place), or the
@@ -443,9 +459,9 @@ impl Engine {
                     causal: true,
                     extra,
                 };
-                let scored = score_layer(cache, l, Some(&lq), opts, scale, true)?;
-                let counts = counts_for(l, &scored, &global);
-                outcomes[l] = apply_layer(cache, l, scored, &counts, opts)?;
+                let mut scored = score_layer(cache, l, Some(&lq), opts, scale, true)?;
+                let counts = layer_counts(l, &mut scored, &global);
+                outcomes[l] = apply_layer(cache, l, scored, &counts, opts, scale)?;
                 fit_time += t1.elapsed().as_secs_f64();
                 Ok(())
             };
@@ -462,9 +478,9 @@ impl Engine {
                     causal: true,
                     extra,
                 });
-                let scored = score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?;
-                let counts = counts_for(l, &scored, &global);
-                outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts)?;
+                let mut scored = score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?;
+                let counts = layer_counts(l, &mut scored, &global);
+                outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts, scale)?;
             }
             if extra > 0 {
                 self.cache.truncate_last(extra)?;

@@ -4,13 +4,13 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use crate::compact::fit::{FitParams, DEFAULT_BETA_BOUNDS};
+use crate::compact::fit::{fit_head as fit_one_head, FitParams, HeadData, DEFAULT_BETA_BOUNDS};
 use crate::compact::pipeline::{Fit, HeadBudgets, Method, Options, QuerySource};
 use crate::compact::select::Pool;
 use crate::device::{build_features, device_name, dtype_name};
@@ -248,8 +248,9 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
                         recent = 64, head_budgets = None, fit = "values", layers = None, seed = 0,
-                        score = "rms", ridge = 1e-6, max_queries = 4096, on_policy = true,
-                        window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0))]
+                        score = "rms", ridge = None, max_queries = 4096, on_policy = true,
+                        window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
+                        shared_mad = None, chunk_size = 4096))]
     fn compact<'py>(
         &mut self,
         py: Python<'py>,
@@ -264,7 +265,7 @@ impl Engine {
         layers: Option<Vec<usize>>,
         seed: u64,
         score: &str,
-        ridge: f64,
+        ridge: Option<f64>,
         max_queries: usize,
         on_policy: bool,
         window: usize,
@@ -272,6 +273,8 @@ impl Engine {
         beta_bounds: Option<(f64, f64)>,
         weighted: bool,
         beta_prior: f64,
+        shared_mad: Option<f64>,
+        chunk_size: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut o = Options::new(Method::parse(method)?, budget);
         o.queries = QuerySource::parse(queries)?;
@@ -289,7 +292,11 @@ impl Engine {
                 )))
             }
         };
-        if !(ridge >= 0.0 && ridge.is_finite()) || max_queries == 0 || window == 0 || kernel == 0 {
+        if ridge.is_some_and(|r| !(r >= 0.0 && r.is_finite()))
+            || max_queries == 0
+            || window == 0
+            || kernel == 0
+        {
             return Err(PyValueError::new_err(
                 "ridge must be finite and >= 0; max_queries, window and kernel must be positive",
             ));
@@ -305,6 +312,14 @@ impl Engine {
             weighted,
             beta_prior,
         };
+        if shared_mad.is_some_and(|t| !t.is_finite()) {
+            return Err(PyValueError::new_err("task_threshold must be finite"));
+        }
+        o.shared_mad = shared_mad;
+        if chunk_size == 0 {
+            return Err(PyValueError::new_err("chunk_size must be positive"));
+        }
+        o.chunk = chunk_size;
         o.max_queries = max_queries;
         o.on_policy = on_policy;
         o.window = window;
@@ -314,9 +329,10 @@ impl Engine {
                 match name.as_str() {
                     "global" => HeadBudgets::Global,
                     "uniform" => HeadBudgets::Uniform,
+                    "entropy" => HeadBudgets::Entropy,
                     other => {
                         return Err(PyValueError::new_err(format!(
-                            "head_budgets must be \"global\", \"uniform\" or a [layer][head] table, got {other:?}"
+                            "head_budgets must be \"global\", \"uniform\", \"entropy\" or a [layer][head] table, got {other:?}"
                         )))
                     }
                 }
@@ -446,6 +462,67 @@ fn load_blas(path: PathBuf, prefix: &str) -> PyResult<()> {
     Ok(crate::blas::load(&path, prefix)?)
 }
 
+/// The Attention-Matching fit of one head on given arrays (for tests and cross-checks):
+/// `q [m, d]`, `k`/`v` `[n, d]` f32, `keep` the kept key indices.
+#[allow(clippy::too_many_arguments)]
+#[pyfunction]
+#[pyo3(signature = (q, k, v, keep, *, bias = None, scale = None, fit = "am", ridge = None,
+                    beta_bounds = Some(DEFAULT_BETA_BOUNDS)))]
+fn fit_head<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray2<'py, f32>,
+    k: PyReadonlyArray2<'py, f32>,
+    v: PyReadonlyArray2<'py, f32>,
+    keep: Vec<u32>,
+    bias: Option<PyReadonlyArray1<'py, f32>>,
+    scale: Option<f32>,
+    fit: &str,
+    ridge: Option<f64>,
+    beta_bounds: Option<(f64, f64)>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = q.shape()[1];
+    if k.shape() != v.shape() || k.shape()[1] != d {
+        return Err(PyValueError::new_err(format!(
+            "q, k, v must share the last dimension and k, v the shape; got {:?}, {:?}, {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    let owned = |a: &PyReadonlyArray2<'py, f32>| a.as_array().iter().copied().collect::<Vec<f32>>();
+    let (q, k, v) = (owned(&q), owned(&k), owned(&v));
+    let bias = match bias {
+        Some(b) => b.as_array().to_vec(),
+        None => vec![0f32; k.len() / d.max(1)],
+    };
+    let what = Fit::parse(fit)?;
+    let params = FitParams {
+        ridge,
+        beta_bounds,
+        ..FitParams::default()
+    };
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let t = keep.len();
+    let f = run(py, || {
+        let h = HeadData {
+            q: &q,
+            k: &k,
+            v: &v,
+            bias: &bias,
+            d,
+            scale,
+        };
+        fit_one_head(&h, &keep, what, &params)
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("bias", f32_array(py, f.bias, None)?)?;
+    out.set_item("values", f32_array(py, f.values, Some(t))?)?;
+    out.set_item("mass_rel_err", f.fidelity.mass_rel_err)?;
+    out.set_item("out_rel_err", f.fidelity.out_rel_err)?;
+    out.set_item("nnls_converged", f.nnls_converged)?;
+    Ok(out)
+}
+
 #[pyfunction]
 fn blas_available() -> bool {
     crate::blas::available()
@@ -498,6 +575,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(load_blas, m)?)?;
     m.add_function(wrap_pyfunction!(blas_available, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_head, m)?)?;
     m.add_function(wrap_pyfunction!(py_build_features, m)?)?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
-use crate::compact::solve::{box_lstsq, nnls, ridge_lstsq, Nnls};
+use crate::compact::solve::{box_lstsq, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls};
 use crate::error::{Error, Result};
 
 /// Outer active-set steps of the bias NNLS before it reports non-convergence.
@@ -20,6 +20,9 @@ const NNLS_MAX_STEPS: usize = 64;
 
 /// Iterations of the bounded (box) refinement of the weights.
 const BOX_MAX_STEPS: usize = 500;
+
+/// Greedy steps of orthogonal matching pursuit (several keys per step when `t` is larger).
+const OMP_STEPS: usize = 32;
 
 /// What the Attention-Matching fit changes in the kept keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +54,9 @@ impl Fit {
 /// Settings of one fit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FitParams {
-    /// Ridge of the value fit, relative to the mean diagonal of PᵀP.
-    pub ridge: f64,
+    /// Ridge of the value fit towards the kept keys' own values, relative to the mean
+    /// diagonal of PᵀP; None: chosen per head on held-out reference queries.
+    pub ridge: Option<f64>,
     /// Bounds on beta = log w (the reference code uses (-3, 3)); None: exact NNLS.
     pub beta_bounds: Option<(f64, f64)>,
     /// Weigh each reference query by the share of its attention the block holds.
@@ -69,7 +73,7 @@ pub const DEFAULT_BETA_BOUNDS: (f64, f64) = (-3.0, 3.0);
 impl Default for FitParams {
     fn default() -> Self {
         Self {
-            ridge: 1e-6,
+            ridge: None,
             beta_bounds: Some(DEFAULT_BETA_BOUNDS),
             weighted: true,
             beta_prior: 0.0,
@@ -250,6 +254,72 @@ impl Block {
         }
     }
 
+    /// `t` keys chosen by orthogonal matching pursuit on the mass (the paper's stronger
+    /// selection): each step adds the keys whose attention correlates most with the mass
+    /// residual, then refits w >= 0 on the chosen keys by least squares (clamped, as the
+    /// reference code; the Gram matrix grows incrementally). Returns sorted indices.
+    pub fn omp_select(&self, t: usize) -> Result<Vec<u32>> {
+        let (n, m) = self.e.shape();
+        let t = t.min(n);
+        let step = t.div_ceil(OMP_STEPS).max(1);
+        let mut chosen: Vec<usize> = Vec::with_capacity(t);
+        let mut taken = vec![false; n];
+        let mut rows: Vec<Vec<f64>> = Vec::with_capacity(t);
+        let mut gram: Vec<f64> = Vec::new(); // row-major c x c, rebuilt as c grows
+        let mut h: Vec<f64> = Vec::new();
+        let mut resid = Mat::<f32>::from_fn(m, 1, |r, _| self.mass[r] as f32);
+        let mut corr = Mat::<f32>::zeros(n, 1);
+        while chosen.len() < t {
+            matmul(
+                corr.as_mut(),
+                Accum::Replace,
+                self.e.as_ref(),
+                resid.as_ref(),
+                1.0,
+                Par::Seq,
+            );
+            let scores: Vec<f32> = (0..n)
+                .map(|j| {
+                    if taken[j] {
+                        f32::NEG_INFINITY
+                    } else {
+                        corr[(j, 0)]
+                    }
+                })
+                .collect();
+            let add = crate::compact::select::top_k(&scores, step.min(t - chosen.len()));
+            let old = chosen.len();
+            for &j in &add {
+                let j = j as usize;
+                taken[j] = true;
+                chosen.push(j);
+                rows.push((0..m).map(|r| self.e[(j, r)] as f64).collect());
+            }
+            let c = chosen.len();
+            let mut g = vec![0f64; c * c];
+            for i in 0..old {
+                g[i * c..i * c + old].copy_from_slice(&gram[i * old..(i + 1) * old]);
+            }
+            for i in old..c {
+                for k in 0..=i {
+                    let x: f64 = rows[i].iter().zip(&rows[k]).map(|(a, b)| a * b).sum();
+                    g[i * c + k] = x;
+                    g[k * c + i] = x;
+                }
+                h.push(rows[i].iter().zip(&self.mass).map(|(a, b)| a * b).sum());
+            }
+            gram = g;
+            let w = clamped_lstsq(&gram, &h, c)?;
+            for r in 0..m {
+                let fitted: f64 = (0..c).map(|i| rows[i][r] * w[i]).sum();
+                resid[(r, 0)] = (self.mass[r] - fitted) as f32;
+            }
+        }
+        let mut keep: Vec<u32> = chosen.into_iter().map(|j| j as u32).collect();
+        keep.sort_unstable();
+        Ok(keep)
+    }
+
     /// Fidelity of keeping `keep` as they are (beta = 0, original values `v [n, d]`): what the
     /// baselines and `fit="none"` give.
     pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
@@ -347,7 +417,16 @@ impl Block {
                 let wr = &self.weight;
                 let pw = Mat::<f64>::from_fn(m, t, |r, i| pt[(i, r)] * wr[r]);
                 let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64 * wr[r]);
-                ridge_lstsq(pw.as_ref(), y.as_ref(), p.ridge)?
+                let own = Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64);
+                match p.ridge {
+                    Some(r) => ridge_lstsq(pw.as_ref(), y.as_ref(), r, Some(own.as_ref()))?,
+                    None => {
+                        // Hold out every other tenth of the (position-ordered) queries, so
+                        // the chosen ridge must carry over to queries looking elsewhere.
+                        let held: Vec<bool> = (0..m).map(|r| (r * 10 / m) % 2 == 1).collect();
+                        ridge_lstsq_cv(pw.as_ref(), y.as_ref(), own.as_ref(), &held)?.0
+                    }
+                }
             }
             Fit::Beta | Fit::None => {
                 Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64)
@@ -370,10 +449,39 @@ impl Block {
     }
 }
 
+/// Least squares on the normal equations `g w = h` (with a tiny ridge for keys whose
+/// attention columns coincide), negative weights clamped to 1e-12.
+fn clamped_lstsq(g: &[f64], h: &[f64], c: usize) -> Result<Vec<f64>> {
+    let mean_diag = (0..c).map(|i| g[i * c + i]).sum::<f64>() / c.max(1) as f64;
+    let gm = Mat::<f64>::from_fn(c, c, |i, k| {
+        g[i * c + k]
+            + if i == k {
+                1e-9 * mean_diag + 1e-300
+            } else {
+                0.0
+            }
+    });
+    let llt = gm
+        .llt(faer::Side::Lower)
+        .map_err(|_| Error::invalid("omp: the Gram matrix of the chosen keys is singular"))?;
+    let rhs = Mat::<f64>::from_fn(c, 1, |i, _| h[i]);
+    let w = faer::linalg::solvers::Solve::solve(&llt, &rhs);
+    Ok((0..c).map(|i| w[(i, 0)].max(1e-12)).collect())
+}
+
 /// Fits the kept keys `keep` of a whole head (every key in the block).
-pub fn fit_head(h: &HeadData, keep: &[u32], p: &FitParams) -> Result<HeadFit> {
+pub fn fit_head(h: &HeadData, keep: &[u32], what: Fit, p: &FitParams) -> Result<HeadFit> {
+    let (m, n) = (h.q.len() / h.d.max(1), h.k.len() / h.d.max(1));
+    if h.d == 0 || h.q.len() != m * h.d || h.k.len() != n * h.d || h.bias.len() != n {
+        return Err(Error::invalid("fit: q, k, v must be [*, d] and bias [n]"));
+    }
+    if let Some(&j) = keep.iter().find(|&&j| j as usize >= n) {
+        return Err(Error::invalid(format!(
+            "fit: kept key {j} out of range (n = {n})"
+        )));
+    }
     let lt = logits_t(h.q, h.k, h.bias, h.d, h.scale);
-    Block::new(lt.as_ref(), h.v, h.d)?.fit(keep, h.bias, h.v, Fit::Am, p)
+    Block::new(lt.as_ref(), h.v, h.d)?.fit(keep, h.bias, h.v, what, p)
 }
 
 #[cfg(test)]
@@ -410,8 +518,9 @@ mod tests {
         let f = fit_head(
             &h,
             &keep,
+            Fit::Am,
             &FitParams {
-                ridge: 0.0,
+                ridge: Some(0.0),
                 beta_bounds: None,
                 ..FitParams::default()
             },
@@ -449,6 +558,46 @@ mod tests {
             "{f:?} vs raw {raw:?}"
         );
         assert!(f.out_rel_err < raw.out_rel_err, "{f:?} vs raw {raw:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn omp_picks_one_copy_of_each_duplicated_key() -> Result<()> {
+        // Planted: 6 distinct keys, each repeated 1..=6 times. Keeping one copy of each with
+        // w = its multiplicity is exact, so OMP with t = 6 must find one of each (mass error
+        // ~0), where the highest-attention keys are copies of the few strongest keys.
+        let (m, distinct, d) = (80, 6, 8);
+        let (q, k0, v0) = data(m, distinct, d, 9);
+        let (mut k, mut v, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        for j in 0..distinct {
+            for _ in 0..=j {
+                k.extend(&k0[j * d..(j + 1) * d]);
+                v.extend(&v0[j * d..(j + 1) * d]);
+                owner.push(j);
+            }
+        }
+        let n = owner.len();
+        let bias = vec![0f32; n];
+        let lt = logits_t(&q, &k, &bias, d, 1.0);
+        let block = Block::new(lt.as_ref(), &v, d)?;
+        let keep = block.omp_select(distinct)?;
+        let mut owners: Vec<usize> = keep.iter().map(|&j| owner[j as usize]).collect();
+        owners.sort_unstable();
+        assert_eq!(owners, (0..distinct).collect::<Vec<_>>(), "{keep:?}");
+        let p = FitParams {
+            beta_bounds: None,
+            ..FitParams::default()
+        };
+        let fit = block.fit(&keep, &bias, &v, Fit::Am, &p)?;
+        assert!(fit.fidelity.mass_rel_err < 1e-4, "{:?}", fit.fidelity);
+        let top = top_k(
+            &(0..n)
+                .map(|j| (0..m).map(|r| lt[(j, r)]).sum::<f32>())
+                .collect::<Vec<_>>(),
+            distinct,
+        );
+        let topfit = block.fit(&top, &bias, &v, Fit::Am, &p)?;
+        assert!(topfit.fidelity.mass_rel_err > 10.0 * fit.fidelity.mass_rel_err);
         Ok(())
     }
 }

@@ -20,13 +20,17 @@ const SCORE_CHUNK: usize = 2048;
 use crate::cache::KvCache;
 pub use crate::compact::fit::Fit;
 use crate::compact::fit::{logits_t, Block, Fidelity, FitParams};
-use crate::compact::select::{allocate, avg_pool, baseline, top_k, Baseline, Pool, ScoreAcc};
+use crate::compact::select::{
+    allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
+};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     /// Attention Matching: highest-attention keys, NNLS biases, least-squares values.
     Am,
+    /// Attention Matching with keys chosen by orthogonal matching pursuit on the mass.
+    AmOmp,
     /// KVzip: max attention from the context-reconstruction (repeat) queries.
     Kvzip,
     /// H2O: attention accumulated over all of the context's own queries.
@@ -44,8 +48,9 @@ pub enum Method {
 }
 
 impl Method {
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "am",
+        "am-omp",
         "kvzip",
         "h2o",
         "snapkv",
@@ -58,6 +63,7 @@ impl Method {
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "am" => Self::Am,
+            "am-omp" => Self::AmOmp,
             "kvzip" => Self::Kvzip,
             "h2o" => Self::H2o,
             "snapkv" => Self::SnapKv,
@@ -72,6 +78,11 @@ impl Method {
                 )))
             }
         })
+    }
+
+    /// Attention Matching (either selection): the methods that fit and run on-policy.
+    pub fn is_am(self) -> bool {
+        matches!(self, Self::Am | Self::AmOmp)
     }
 
     /// Whether the method needs reference queries at all.
@@ -107,6 +118,9 @@ pub enum HeadBudgets {
     Global,
     /// The same budget in every head.
     Uniform,
+    /// One model-wide pool split in proportion to each head's mean attention entropy over
+    /// the reference queries (heads that spread their attention keep more).
+    Entropy,
     /// Explicit keys per `[layer][kv_head]` (a measured profile).
     PerHead(Vec<Vec<usize>>),
 }
@@ -135,6 +149,12 @@ pub struct Options {
     /// SnapKV's observation window and pooling kernel.
     pub window: usize,
     pub kernel: usize,
+    /// Task-guided selection shared by a layer's heads (the Latent Briefing variant): keys
+    /// whose head-averaged score exceeds median + `tau` * MAD, at most the budget (None:
+    /// every head selects on its own).
+    pub shared_mad: Option<f64>,
+    /// Keys per fit chunk of a head's middle (bounds the fit's memory on long contexts).
+    pub chunk: usize,
 }
 
 impl Options {
@@ -145,7 +165,7 @@ impl Options {
             budget,
             sink: 4,
             recent: 64,
-            head_budgets: if matches!(method, Method::Am | Method::Kvzip) {
+            head_budgets: if method.is_am() || method == Method::Kvzip {
                 HeadBudgets::Global
             } else {
                 HeadBudgets::Uniform
@@ -159,17 +179,19 @@ impl Options {
             on_policy: true,
             window: 64,
             kernel: 5,
+            shared_mad: None,
+            chunk: 4096,
         }
     }
 
     /// Whether this run fits anything.
     pub fn fits(&self) -> bool {
-        self.method == Method::Am && self.fit != Fit::None
+        self.method.is_am() && self.fit != Fit::None
     }
 
     fn pool(&self) -> Pool {
         match self.method {
-            Method::Am => self.pool,
+            Method::Am | Method::AmOmp => self.pool,
             Method::Kvzip => Pool::Max,
             Method::H2o => Pool::Sum,
             _ => Pool::Mean,
@@ -196,12 +218,17 @@ pub struct Scored {
     n: usize,
     /// Newest rows kept as they are and out of the window (see [`LayerQueries::extra`]).
     extra: usize,
-    /// `[n, m]` logits of the (subsampled) reference queries, kept for the fit.
+    /// The (subsampled) reference queries of the fit, `[m, d]` row-major.
+    fit_q: Option<Vec<f32>>,
+    /// Their `[n, m]` logits, kept from scoring when the middle is one fit chunk (longer
+    /// heads recompute them chunk by chunk, so memory stays `chunk x m` per head).
     logits: Option<Mat<f32>>,
-    /// Keys each of those queries sees (causal sources).
-    fit_visible: Option<Vec<usize>>,
+    /// Per fit query: the max logit and total `exp(logit - max)` over every key it sees.
+    whole: Option<(Vec<f32>, Vec<f64>)>,
     /// Scores of the middle keys `sink..n - recent`.
     pub scores: Vec<f32>,
+    /// Mean attention entropy of the reference queries (entropy budgets only).
+    pub entropy: f64,
 }
 
 impl Scored {
@@ -252,9 +279,11 @@ pub fn score_layer(
                 bias,
                 n,
                 extra,
+                fit_q: None,
                 logits: None,
-                fit_visible: None,
+                whole: None,
                 scores: Vec::new(),
+                entropy: 0.0,
             };
             let (lo, hi) = s.window(opts);
             let (Some(q_all), Some((nh, t, _)), Some(lq)) = (&q_all, shape, queries) else {
@@ -286,29 +315,45 @@ pub fn score_layer(
                 }
                 true => (0..rows).collect(),
             };
-            let mut fit_lt = keep_logits.then(|| Mat::<f32>::zeros(n, picked.len()));
+            let mut fit_lt =
+                (keep_logits && hi - lo <= opts.chunk).then(|| Mat::<f32>::zeros(n, picked.len()));
+            let fit_visible = visible(&picked);
+            let (mut maxes, mut totals) = (Vec::new(), Vec::new());
+            let mut buf = vec![0f32; n];
             // Scores use every query (a key may matter to one query only, as in copying), in
             // chunks so the logits stay bounded; the fit's columns are copied out on the way.
             let all_rows: Vec<usize> = (0..rows).collect();
             let mut acc = ScoreAcc::new(n, opts.pool());
+            if opts.head_budgets == HeadBudgets::Entropy {
+                acc = acc.with_entropy();
+            }
             let mut next = 0;
             for chunk in all_rows.chunks(SCORE_CHUNK) {
                 let lt = logits_t(&gather(chunk), &s.k, &s.bias, d, scale);
                 acc.add(lt.as_ref(), visible(chunk).as_deref());
-                if let Some(f) = fit_lt.as_mut() {
-                    while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
-                        let col = lt.col_as_slice(picked[next] - chunk[0]);
+                while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
+                    let col = lt.col_as_slice(picked[next] - chunk[0]);
+                    if let Some(f) = fit_lt.as_mut() {
                         f.col_as_slice_mut(next).copy_from_slice(col);
-                        next += 1;
                     }
+                    let upto = fit_visible.as_ref().map_or(n, |v| v[next].min(n));
+                    buf[..upto].copy_from_slice(&col[..upto]);
+                    let (mx, total) = crate::compact::exp::exp_from_max(&mut buf[..upto]);
+                    maxes.push(mx);
+                    totals.push(total);
+                    next += 1;
                 }
             }
+            s.entropy = acc.mean_entropy();
             let all = acc.finish();
             s.scores = all[lo..hi].to_vec();
             if opts.method == Method::SnapKv {
                 s.scores = avg_pool(&s.scores, opts.kernel);
             }
-            s.fit_visible = visible(&picked);
+            if keep_logits {
+                s.fit_q = Some(gather(&picked));
+                s.whole = Some((maxes, totals));
+            }
             s.logits = fit_lt;
             Ok(s)
         })
@@ -324,19 +369,38 @@ pub fn score_layer(
     Ok(heads)
 }
 
-/// Per query (column of `lt [n, m]`): the max logit and the total `exp(logit - max)` over the
-/// keys it sees.
-fn whole_attention(lt: &Mat<f32>, visible: Option<&[usize]>) -> (Vec<f32>, Vec<f64>) {
-    let (n, m) = lt.shape();
-    let mut buf = vec![0f32; n];
-    (0..m)
-        .map(|r| {
-            let upto = visible.map_or(n, |v| v[r].min(n));
-            let p = &mut buf[..upto];
-            p.copy_from_slice(&lt.col_as_slice(r)[..upto]);
-            crate::compact::exp::exp_from_max(p)
-        })
-        .unzip()
+/// One selection for every head of a layer (heads of equal length): each head's middle scores
+/// become the heads' mean (scores normalised per head first, so no head dominates), and the
+/// keys kept are those above `median + tau * MAD` of that mean, at most `limit`. Returns the
+/// count every head keeps, or None when the heads do not line up (then they select alone).
+pub fn shared_selection(heads: &mut [Scored], tau: f64, limit: usize) -> Option<usize> {
+    let len = heads.first()?.scores.len();
+    if heads.iter().any(|s| s.scores.len() != len) || len == 0 {
+        return None;
+    }
+    let mut mean = vec![0f64; len];
+    for s in heads.iter() {
+        let total: f64 = s
+            .scores
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+        mean.iter_mut()
+            .zip(&s.scores)
+            .for_each(|(m, &x)| *m += x as f64 / total);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med = median(&mut mean.clone());
+    let mad = median(&mut mean.iter().map(|x| (x - med).abs()).collect());
+    let threshold = med + tau * mad;
+    let above = mean.iter().filter(|&&x| x > threshold).count();
+    let shared: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
+    heads.iter_mut().for_each(|s| s.scores = shared.clone());
+    Some(above.min(limit))
 }
 
 /// Middle keys each head keeps under a uniform budget.
@@ -351,16 +415,24 @@ pub fn uniform_counts(heads: &[Scored], opts: &Options) -> Vec<usize> {
         .collect()
 }
 
-/// Global allocation over every compacted head (`scored[l]` empty for skipped layers): the
-/// pool is the uniform budget's middle keys summed over heads.
+/// Model-wide allocation over every compacted head (`scored[l]` empty for skipped layers):
+/// the pool is the uniform budget's middle keys summed over heads, split by a global top-k of
+/// the key scores (`Global`) or in proportion to the heads' attention entropy (`Entropy`).
 pub fn global_counts(scored: &[Vec<Scored>], opts: &Options) -> Vec<Vec<usize>> {
     let per_head = opts.budget.saturating_sub(opts.sink + opts.recent);
-    let flat: Vec<&[f32]> = scored
-        .iter()
-        .flatten()
-        .map(|s| s.scores.as_slice())
-        .collect();
-    let counts = allocate(&flat, per_head * flat.len());
+    let heads: Vec<&Scored> = scored.iter().flatten().collect();
+    let pool = per_head * heads.len();
+    let counts = match opts.head_budgets {
+        HeadBudgets::Entropy => {
+            let weights: Vec<f64> = heads.iter().map(|s| s.entropy).collect();
+            let caps: Vec<usize> = heads.iter().map(|s| s.middle(opts)).collect();
+            proportional(&weights, &caps, pool)
+        }
+        _ => {
+            let flat: Vec<&[f32]> = heads.iter().map(|s| s.scores.as_slice()).collect();
+            allocate(&flat, pool)
+        }
+    };
     let mut it = counts.into_iter();
     scored
         .iter()
@@ -375,17 +447,46 @@ pub struct HeadOutcome {
     pub nnls_converged: bool,
 }
 
+/// Fidelity over a head's fit chunks: the root-mean-square of the chunks' relative errors,
+/// weighted by their key counts (exact for one chunk).
+#[derive(Default)]
+struct ChunkErrors {
+    sums: Option<(f64, f64, f64)>,
+}
+
+impl ChunkErrors {
+    fn add(&mut self, f: Fidelity, keys: usize) {
+        let w = keys as f64;
+        let (m, o, t) = self.sums.unwrap_or_default();
+        self.sums = Some((
+            m + w * f.mass_rel_err.powi(2),
+            o + w * f.out_rel_err.powi(2),
+            t + w,
+        ));
+    }
+
+    fn finish(self) -> Option<Fidelity> {
+        self.sums.map(|(m, o, t)| Fidelity {
+            mass_rel_err: (m / t).sqrt(),
+            out_rel_err: (o / t).sqrt(),
+        })
+    }
+}
+
 /// A head's new rows (keys, values, biases), or why it stays as it is.
 type Rewrite = std::result::Result<(Vec<f32>, Vec<f32>, Vec<f32>, HeadOutcome), HeadOutcome>;
 
 /// Keeps `counts[h]` middle keys in each head of layer `l` (plus sink and recent) and refits
-/// them when the method fits. Heads whose keys all fit stay untouched.
+/// them when the method fits. Heads whose keys all fit stay untouched. The middle is fitted in
+/// chunks of `opts.chunk` keys (each chunk's kept keys match that chunk's mass and output),
+/// so a long context never holds more than `chunk x max_queries` logits per head.
 pub fn apply_layer(
     cache: &mut KvCache,
     l: usize,
     heads: Vec<Scored>,
     counts: &[usize],
     opts: &Options,
+    scale: f32,
 ) -> Result<Vec<HeadOutcome>> {
     let d = cache.head_dim();
     let results = heads
@@ -396,7 +497,7 @@ pub fn apply_layer(
             let (lo, hi) = s.window(opts);
             if count >= hi - lo {
                 // Everything fits: the head stays exact (zero error on any queries).
-                let exact = s.logits.as_ref().map(|_| Fidelity::default());
+                let exact = s.fit_q.as_ref().map(|_| Fidelity::default());
                 return Ok(Err(HeadOutcome {
                     fidelity: exact,
                     nnls_converged: true,
@@ -408,6 +509,7 @@ pub fn apply_layer(
                 Method::Random => Some(Baseline::Random(opts.seed ^ ((l as u64) << 32 | h as u64))),
                 _ => None,
             };
+            // Middle-relative indices; OMP refines the choice inside each chunk below.
             let keep: Vec<u32> = match rule {
                 Some(r) => baseline(s.n, lo + count + (s.n - hi), lo, s.n - hi, r)
                     .into_iter()
@@ -416,55 +518,84 @@ pub fn apply_layer(
                     .collect(),
                 None => top_k(&s.scores, count),
             };
-            let (mid_k, mid_v) = (&s.k[lo * d..hi * d], &s.v[lo * d..hi * d]);
-            let mut outcome = HeadOutcome::default();
+            let mut new_k = s.k[..lo * d].to_vec();
             let (mut new_v, mut new_b) = (s.v[..lo * d].to_vec(), s.bias[..lo].to_vec());
-            let block = match &s.logits {
-                Some(lt) if !keep.is_empty() => {
-                    let whole = opts
-                        .fit_params
-                        .weighted
-                        .then(|| whole_attention(lt, s.fit_visible.as_deref()));
-                    let whole = whole.as_ref().map(|(m, t)| (m.as_slice(), t.as_slice()));
-                    Some(Block::in_context(
-                        lt.as_ref().subrows(lo, hi - lo),
-                        mid_v,
-                        d,
-                        whole,
-                    )?)
-                }
-                _ => None,
+            let mut outcome = HeadOutcome {
+                fidelity: None,
+                nnls_converged: true,
             };
-            match &block {
-                Some(b) if opts.fits() => {
-                    let fit = b.fit(&keep, &s.bias[lo..hi], mid_v, opts.fit, &opts.fit_params)?;
-                    outcome = HeadOutcome {
-                        fidelity: Some(fit.fidelity),
-                        nnls_converged: fit.nnls_converged,
-                    };
-                    new_v.extend(&fit.values);
-                    new_b.extend(&fit.bias);
+            let mut errs = ChunkErrors::default();
+            for c0 in (lo..hi).step_by(opts.chunk.max(1)) {
+                let c1 = (c0 + opts.chunk.max(1)).min(hi);
+                let (rel0, rel1) = ((c0 - lo) as u32, (c1 - lo) as u32);
+                let mut kept: Vec<u32> = keep
+                    .iter()
+                    .filter(|&&j| (rel0..rel1).contains(&j))
+                    .map(|&j| j - rel0)
+                    .collect();
+                let (ck, cv, cb) = (&s.k[c0 * d..c1 * d], &s.v[c0 * d..c1 * d], &s.bias[c0..c1]);
+                let block = match (&s.fit_q, &s.whole) {
+                    (Some(q), Some(whole)) => {
+                        let recomputed;
+                        let lt = match &s.logits {
+                            Some(lt) => lt.as_ref().subrows(c0, c1 - c0),
+                            None => {
+                                recomputed = logits_t(q, ck, cb, d, scale);
+                                recomputed.as_ref()
+                            }
+                        };
+                        let whole = opts
+                            .fit_params
+                            .weighted
+                            .then_some((whole.0.as_slice(), whole.1.as_slice()));
+                        Some(Block::in_context(lt, cv, d, whole)?)
+                    }
+                    _ => None,
+                };
+                if let (Some(b), Method::AmOmp) = (&block, opts.method) {
+                    if !kept.is_empty() {
+                        kept = b.omp_select(kept.len())?;
+                    }
                 }
-                _ => {
-                    outcome.fidelity = match &block {
-                        Some(b) => Some(b.raw_fidelity(&keep, mid_v, d)),
-                        // Nothing kept from the block: its whole mass and output are lost.
-                        None => s.logits.as_ref().map(|_| Fidelity {
-                            mass_rel_err: 1.0,
-                            out_rel_err: 1.0,
-                        }),
-                    };
-                    for &j in &keep {
-                        let j = j as usize;
-                        new_v.extend(&mid_v[j * d..(j + 1) * d]);
-                        new_b.push(s.bias[lo + j]);
+                let fitted = match &block {
+                    Some(b) if opts.fits() && !kept.is_empty() => {
+                        let f = b.fit(&kept, cb, cv, opts.fit, &opts.fit_params)?;
+                        outcome.nnls_converged &= f.nnls_converged;
+                        errs.add(f.fidelity, c1 - c0);
+                        Some(f)
+                    }
+                    Some(b) => {
+                        // Nothing kept from the chunk: its whole mass and output are lost.
+                        errs.add(
+                            match kept.is_empty() {
+                                true => Fidelity {
+                                    mass_rel_err: 1.0,
+                                    out_rel_err: 1.0,
+                                },
+                                false => b.raw_fidelity(&kept, cv, d),
+                            },
+                            c1 - c0,
+                        );
+                        None
+                    }
+                    None => None,
+                };
+                for (i, &j) in kept.iter().enumerate() {
+                    let j = j as usize;
+                    new_k.extend(&ck[j * d..(j + 1) * d]);
+                    match &fitted {
+                        Some(f) => {
+                            new_v.extend(&f.values[i * d..(i + 1) * d]);
+                            new_b.push(f.bias[i]);
+                        }
+                        None => {
+                            new_v.extend(&cv[j * d..(j + 1) * d]);
+                            new_b.push(cb[j]);
+                        }
                     }
                 }
             }
-            let mut new_k = s.k[..lo * d].to_vec();
-            for &j in &keep {
-                new_k.extend(&mid_k[j as usize * d..(j as usize + 1) * d]);
-            }
+            outcome.fidelity = errs.finish();
             new_k.extend(&s.k[hi * d..]);
             new_v.extend(&s.v[hi * d..]);
             new_b.extend(&s.bias[hi..]);
@@ -490,4 +621,46 @@ pub fn apply_layer(
         out.push(outcome);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scored(scores: Vec<f32>) -> Scored {
+        Scored {
+            k: Vec::new(),
+            v: Vec::new(),
+            bias: Vec::new(),
+            n: scores.len(),
+            extra: 0,
+            logits: None,
+            scores,
+            entropy: 0.0,
+            fit_q: None,
+            whole: None,
+        }
+    }
+
+    #[test]
+    fn shared_selection_keeps_the_outliers_of_the_head_mean() {
+        // Keys 2 and 7 stand out in the heads' mean (head 1 is scaled up: normalisation keeps
+        // it from dominating); everything else is flat noise around the median.
+        let base = [1.0, 1.1, 9.0, 0.9, 1.0, 1.05, 0.95, 6.0, 1.0, 1.0];
+        let mut heads = vec![
+            scored(base.to_vec()),
+            scored(base.iter().map(|x| x * 100.0).collect()),
+        ];
+        let c = shared_selection(&mut heads, 3.0, 8).unwrap();
+        assert_eq!(c, 2);
+        assert_eq!(
+            heads[0].scores, heads[1].scores,
+            "one selection for the layer"
+        );
+        assert_eq!(top_k(&heads[0].scores, c), vec![2, 7]);
+        // The budget caps the count; heads that do not line up select on their own.
+        assert_eq!(shared_selection(&mut heads, 0.0, 1), Some(1));
+        let mut ragged = vec![scored(vec![1.0; 4]), scored(vec![1.0; 5])];
+        assert_eq!(shared_selection(&mut ragged, 3.0, 8), None);
+    }
 }

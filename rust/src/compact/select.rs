@@ -88,6 +88,8 @@ pub struct ScoreAcc {
     p: Vec<f32>,
     pool: Pool,
     queries: usize,
+    /// Sum over queries of each softmax row's entropy (nats), when tracked.
+    entropy: Option<f64>,
 }
 
 impl ScoreAcc {
@@ -97,7 +99,19 @@ impl ScoreAcc {
             p: vec![0.0; n],
             pool,
             queries: 0,
+            entropy: None,
         }
+    }
+
+    /// Also accumulate the entropy of every query's attention (for entropy head budgets).
+    pub fn with_entropy(mut self) -> Self {
+        self.entropy = Some(0.0);
+        self
+    }
+
+    /// Mean attention entropy per query in nats (0 when not tracked or no queries).
+    pub fn mean_entropy(&self) -> f64 {
+        self.entropy.unwrap_or(0.0) / self.queries.max(1) as f64
     }
 
     pub fn add(&mut self, logits_t: faer::MatRef<f32>, visible: Option<&[usize]>) {
@@ -112,7 +126,14 @@ impl ScoreAcc {
                     .enumerate()
                     .for_each(|(j, x)| *x = logits_t[(j, r)]),
             }
-            let inv = (1.0 / crate::compact::exp::exp_from_max(p).1) as f32;
+            let (max, sum) = crate::compact::exp::exp_from_max(p);
+            let inv = (1.0 / sum) as f32;
+            if let Some(h) = self.entropy.as_mut() {
+                // H = ln S - sum_i p_i (l_i - max) with p_i = e_i / S and e_i = exp(l_i - max).
+                let col = logits_t.col(r);
+                let dot: f64 = (0..upto).map(|j| p[j] as f64 * (col[j] - max) as f64).sum();
+                *h += sum.ln() - dot / sum;
+            }
             for (a, &x) in self.acc.iter_mut().zip(p.iter()) {
                 let x = (x * inv) as f64;
                 match self.pool {
@@ -169,6 +190,55 @@ pub fn allocate(scores: &[&[f32]], total: usize) -> Vec<usize> {
     }
     for &(_, h) in &all[..total] {
         counts[h as usize] += 1;
+    }
+    counts
+}
+
+/// Splits `total` keys across heads in proportion to `weights`, no head above its `caps`
+/// (water-filling: what a capped head cannot take goes to the others), rounded by largest
+/// remainder so the counts sum to `min(total, sum(caps))`.
+pub fn proportional(weights: &[f64], caps: &[usize], total: usize) -> Vec<usize> {
+    let n = weights.len();
+    let total = total.min(caps.iter().sum());
+    let mut share = vec![0f64; n];
+    let mut capped = vec![false; n];
+    let mut left = total as f64;
+    loop {
+        let free: f64 = (0..n)
+            .filter(|&i| !capped[i])
+            .map(|i| weights[i].max(0.0))
+            .sum();
+        let open = (0..n).filter(|&i| !capped[i]).count();
+        let mut changed = false;
+        let open_heads: Vec<usize> = (0..n).filter(|&i| !capped[i]).collect();
+        for i in open_heads {
+            share[i] = match free > 0.0 {
+                true => left * weights[i].max(0.0) / free,
+                false => left / open as f64,
+            };
+            if share[i] >= caps[i] as f64 {
+                share[i] = caps[i] as f64;
+                capped[i] = true;
+                left -= share[i];
+                changed = true;
+            }
+        }
+        if !changed || capped.iter().all(|&c| c) {
+            break;
+        }
+    }
+    let mut counts: Vec<usize> = share.iter().map(|&x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| (share[b] - share[b].floor()).total_cmp(&(share[a] - share[a].floor())));
+    let mut missing = total - counts.iter().sum::<usize>();
+    for &i in order.iter().cycle().take(2 * n) {
+        if missing == 0 {
+            break;
+        }
+        if counts[i] < caps[i] {
+            counts[i] += 1;
+            missing -= 1;
+        }
     }
     counts
 }
@@ -253,5 +323,33 @@ mod tests {
     fn top_k_picks_the_largest() {
         assert_eq!(top_k(&[0.1, 5.0, 3.0, 5.0, -1.0], 3), vec![1, 2, 3]);
         assert_eq!(top_k(&[1.0, 2.0], 5), vec![0, 1]);
+    }
+
+    #[test]
+    fn proportional_split_respects_caps_and_the_total() {
+        let c = proportional(&[1.0, 1.0, 2.0], &[100, 100, 100], 40);
+        assert_eq!(c, vec![10, 10, 20]);
+        // The capped head's excess goes to the others in proportion.
+        let c = proportional(&[1.0, 1.0, 8.0], &[100, 100, 10], 40);
+        assert_eq!(c, vec![15, 15, 10]);
+        let c = proportional(&[0.3, 0.3, 0.3], &[5, 5, 5], 7);
+        assert_eq!(c.iter().sum::<usize>(), 7);
+        assert!(c.iter().all(|&x| (2..=3).contains(&x)));
+        assert_eq!(proportional(&[1.0, 2.0], &[3, 4], 100), vec![3, 4]);
+    }
+
+    #[test]
+    fn entropy_is_zero_for_a_peaked_row_and_ln_n_for_a_flat_one() {
+        let (n, m) = (8, 2);
+        let mut lt = faer::Mat::<f32>::zeros(n, m);
+        lt[(3, 0)] = 80.0; // query 0 looks at key 3 only; query 1 is uniform
+        let mut acc = ScoreAcc::new(n, Pool::Max).with_entropy();
+        acc.add(lt.as_ref(), None);
+        let want = (0.0 + (n as f64).ln()) / 2.0;
+        assert!(
+            (acc.mean_entropy() - want).abs() < 1e-5,
+            "{}",
+            acc.mean_entropy()
+        );
     }
 }

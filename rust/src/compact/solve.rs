@@ -1,11 +1,12 @@
 //! The two solves of an Attention-Matching fit, in f64 on faer:
 //! - [`nnls`]: min ||A w - b||^2 subject to w >= 0, by Lawson-Hanson's active-set method on the
 //!   normal equations (G = A^T A, h = A^T b), with a KKT convergence test;
-//! - [`ridge_lstsq`]: min ||P X - Y||_F^2 + lambda ||X||_F^2 by Cholesky of P^T P + lambda I.
+//! - [`ridge_lstsq`]: min ||P X - Y||_F^2 + lambda ||X - A||_F^2 by Cholesky of P^T P + lambda I
+//!   (`A` an optional anchor, 0 without one).
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::solvers::Solve;
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::{Accum, Mat, MatRef, Par, Scale, Side};
 
 use crate::error::{Error, Result};
 
@@ -225,13 +226,20 @@ pub fn box_lstsq(
     })
 }
 
-/// `X [t, d]` minimising `||P X - Y||^2 + lambda ||X||^2` with `P [m, t]`, `Y [m, d]` and
-/// `lambda = ridge * mean(diag(P^T P))` (so `ridge` is relative to the problem's scale).
-pub fn ridge_lstsq(p: MatRef<f64>, y: MatRef<f64>, ridge: f64) -> Result<Mat<f64>> {
+/// `X [t, d]` minimising `||P X - Y||^2 + lambda ||X - A||^2` with `P [m, t]`, `Y [m, d]`, the
+/// anchor `A [t, d]` (0 when None) and `lambda = ridge * mean(diag(P^T P))` (so `ridge` is
+/// relative to the problem's scale). The value fit anchors at the kept keys' own values: a key
+/// the reference queries barely see keeps its value instead of shrinking to 0.
+pub fn ridge_lstsq(
+    p: MatRef<f64>,
+    y: MatRef<f64>,
+    ridge: f64,
+    anchor: Option<MatRef<f64>>,
+) -> Result<Mat<f64>> {
     let (m, t) = p.shape();
-    if y.nrows() != m {
+    if y.nrows() != m || anchor.is_some_and(|a| a.shape() != (t, y.ncols())) {
         return Err(Error::invalid(
-            "ridge_lstsq: P and Y need the same number of rows",
+            "ridge_lstsq: P and Y need the same number of rows, the anchor [t, d]",
         ));
     }
     let mut gram = Mat::<f64>::zeros(t, t);
@@ -256,10 +264,73 @@ pub fn ridge_lstsq(p: MatRef<f64>, y: MatRef<f64>, ridge: f64) -> Result<Mat<f64
         1.0,
         Par::Seq,
     );
+    if let Some(a) = anchor {
+        rhs += Scale(lambda) * a;
+    }
     let llt = gram.llt(Side::Lower).map_err(|_| {
         Error::invalid("ridge_lstsq: P^T P + lambda I is not positive definite; raise the ridge")
     })?;
     Ok(llt.solve(&rhs))
+}
+
+/// Candidate ridges of [`ridge_lstsq_cv`] (relative, as in [`ridge_lstsq`]); the anchor
+/// itself (an infinite ridge) is always a candidate too.
+pub const RIDGE_GRID: [f64; 6] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
+
+/// [`ridge_lstsq`] with the ridge chosen on held-out rows: the rows with `held[r]` fit each
+/// candidate of [`RIDGE_GRID`] (and `X = A`) on the others, the one with the lowest held-out
+/// error wins and is refitted on every row. Returns the solution and the chosen ridge
+/// (`f64::INFINITY` when the anchor itself won).
+pub fn ridge_lstsq_cv(
+    p: MatRef<f64>,
+    y: MatRef<f64>,
+    anchor: MatRef<f64>,
+    held: &[bool],
+) -> Result<(Mat<f64>, f64)> {
+    let (m, t) = p.shape();
+    let d = y.ncols();
+    if y.nrows() != m || held.len() != m || anchor.shape() != (t, d) {
+        return Err(Error::invalid("ridge_lstsq_cv: mismatched shapes"));
+    }
+    let rows = |keep: bool| -> Vec<usize> { (0..m).filter(|&r| held[r] == keep).collect() };
+    let (fit_rows, val_rows) = (rows(false), rows(true));
+    if fit_rows.is_empty() || val_rows.is_empty() {
+        return Err(Error::invalid(
+            "ridge_lstsq_cv: needs fit and held-out rows",
+        ));
+    }
+    let pick =
+        |a: MatRef<f64>, r: &[usize]| Mat::<f64>::from_fn(r.len(), a.ncols(), |i, c| a[(r[i], c)]);
+    let (pf, yf) = (pick(p, &fit_rows), pick(y, &fit_rows));
+    let (pv, yv) = (pick(p, &val_rows), pick(y, &val_rows));
+    let val_err = |x: &Mat<f64>| -> f64 {
+        let mut r = yv.clone();
+        matmul(
+            r.as_mut(),
+            Accum::Add,
+            pv.as_ref(),
+            x.as_ref(),
+            -1.0,
+            Par::Seq,
+        );
+        r.squared_norm_l2()
+    };
+    let mut best = (val_err(&anchor.to_owned()), f64::INFINITY);
+    for &ridge in &RIDGE_GRID {
+        // A candidate the fit rows cannot support (not positive definite) just loses.
+        if let Ok(x) = ridge_lstsq(pf.as_ref(), yf.as_ref(), ridge, Some(anchor)) {
+            let e = val_err(&x);
+            if e < best.0 {
+                best = (e, ridge);
+            }
+        }
+    }
+    let x = if best.1.is_finite() {
+        ridge_lstsq(p, y, best.1, Some(anchor))?
+    } else {
+        anchor.to_owned()
+    };
+    Ok((x, best.1))
 }
 
 #[cfg(test)]
@@ -369,12 +440,26 @@ mod tests {
             .collect();
         let pm = MatRef::from_row_major_slice(&p, m, t);
         let ym = MatRef::from_row_major_slice(&y, m, d);
-        let got = ridge_lstsq(pm, ym, 0.0)?;
+        let got = ridge_lstsq(pm, ym, 0.0, None)?;
         let flat = |a: &Mat<f64>| -> Vec<f64> { (0..t * d).map(|i| a[(i / d, i % d)]).collect() };
         assert!(flat(&got).iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-8));
-        let shrunk = ridge_lstsq(pm, ym, 1.0)?;
+        let shrunk = ridge_lstsq(pm, ym, 1.0, None)?;
         let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
         assert!(norm(&flat(&shrunk)) < norm(&flat(&got)));
+        // With an anchor the ridge pulls towards it: a huge ridge returns the anchor, and a
+        // moderate one lands between the anchor and the exact solution.
+        let anchor = Mat::<f64>::from_fn(t, d, |i, c| (i + c) as f64);
+        let dist = |a: &Mat<f64>| -> f64 {
+            flat(a)
+                .iter()
+                .zip(flat(&anchor))
+                .map(|(u, v)| (u - v).powi(2))
+                .sum()
+        };
+        let pinned = ridge_lstsq(pm, ym, 1e9, Some(anchor.as_ref()))?;
+        assert!(dist(&pinned) < 1e-12, "{}", dist(&pinned));
+        let between = ridge_lstsq(pm, ym, 1.0, Some(anchor.as_ref()))?;
+        assert!(dist(&between) < dist(&got) && dist(&between) > 1e-3);
         Ok(())
     }
 }
