@@ -220,7 +220,48 @@ def test_malformed_budget_file_and_empty_cache(session: Session, tmp_path: Path)
         session.compact(head_budgets=bad, recent=16)
 
 
-def test_not_yet_implemented_options_say_so(session: Session) -> None:
+def test_self_study_queries_leave_no_trace_and_compact(session: Session) -> None:
+    ids = prefilled(session)
+    logits = session.engine.last_logits()
+    prompt = session.encode(" Question: what did the keeper do?")
+    a = session.engine.generate_scratch(prompt, max_new_tokens=12, temperature=0.8, seed=1)
+    b = session.engine.generate_scratch(prompt, max_new_tokens=12, temperature=0.8, seed=1)
+    assert a == b and 0 < len(a) <= 12
+    assert session.engine.token_ids == ids and session.cache_len == len(ids)
+    np.testing.assert_array_equal(session.engine.last_logits(), logits)
+    study = session.compact(ratio=4, recent=16, queries="self-study")
+    assert study.query_tokens > 3 * 10, "three prompts with their answers"
+    session.reset()
     prefilled(session)
-    with pytest.raises(NotImplementedError, match="self-study"):
-        session.compact(ratio=2, queries="self-study")
+    both = session.compact(ratio=4, recent=16, queries="repeat+self-study")
+    assert both.query_tokens > len(ids) + study.query_tokens // 2
+    assert session.generate(max_new_tokens=4) is not None
+
+
+def test_inspection_apis_show_the_cache_and_leave_it_unchanged(session: Session) -> None:
+    ids = prefilled(session)
+    info = session.cache_info()
+    qs = session.engine.reference_queries(ids[:10])
+    assert len(qs) == info["layers"]
+    assert qs[0].shape[1:] == (10, info["head_dim"]) and qs[0].dtype == np.float32
+    now = session.cache_info()
+    now.pop("capacity_bytes"), info.pop("capacity_bytes")  # the buffer may have grown
+    assert now == info, "queries are captured off the cache"
+    k, v, b = session.engine.head_cache(1, 0)
+    assert k.shape == v.shape == (len(ids), info["head_dim"]) and np.all(b == 0)
+    session.compact(ratio=4, recent=16, fit="am")
+    rows = session.cache_info()["tokens_per_head"]
+    heads = [(la, h) for la in range(info["layers"]) for h in range(info["kv_heads"])]
+    biased = 0
+    for la, h in heads:
+        k1 = k if (la, h) == (1, 0) else None
+        k2, _, b2 = session.engine.head_cache(la, h)
+        assert len(k2) == len(b2) == rows[la][h]
+        biased += bool(np.any(b2 != 0))
+        if k1 is not None:  # kept keys are original keys: the fit changes biases and values
+            assert all(np.any(np.all(k1 == row, axis=1)) for row in k2)
+    assert biased > 0, "the fitted biases are in the cache"
+    with pytest.raises(ValueError, match="no head"):
+        session.engine.head_cache(99, 0)
+    with pytest.raises(ValueError, match="no token ids"):
+        session.engine.reference_queries([])

@@ -4,7 +4,7 @@ The native module works on token ids only; tokenization, chat templates, hub dow
 text-level stop strings live in the thin Python layer (`kvfast.session`).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -108,6 +108,22 @@ class Engine:
         seconds_fit, query_tokens, fidelity [layer][head] -> (mass, output) rel. errors or
         None, nnls_converged). `suffix`: the repeat prompt's ids (am/repeat, kvzip)."""
     def reset(self) -> None: ...
+    def generate_scratch(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """Generate from `prompt` on top of the cache and return the new ids; the cache,
+        token history and last logits are restored afterwards."""
+    def reference_queries(self, ids: Sequence[int]) -> list[npt.NDArray[np.float32]]:
+        """Per layer, the queries `[n_heads, len(ids), head_dim]` (after QK-norm and RoPE) of
+        `ids` run on top of the cache; the cache is left unchanged."""
+    def head_cache(
+        self, layer: int, head: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """One (layer, KV head)'s keys, values `[n, head_dim]` and biases `[n]` (copies)."""
     def cache_info(self) -> dict[str, Any]:
         """{"tokens": int, "layers": int, "kv_heads": int, "head_dim": int, "dtype": str,
         "tokens_per_head": list[list[int]] ([layer][kv_head]), "bytes": int (K+V+bias in use),
@@ -122,6 +138,21 @@ def cuda_available() -> bool:
 
 def load_blas(path: str, prefix: str = "") -> None:
     """Use `{prefix}cblas_sgemm` from the shared library at `path` for CPU prefill products."""
+
+def fit_head(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    keep: Sequence[int],
+    *,
+    bias: npt.NDArray[np.float32] | None = None,
+    scale: float | None = None,
+    fit: str = "am",
+    ridge: float | None = None,
+    beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+) -> dict[str, Any]:
+    """The Attention-Matching fit of one head: `q [m, d]`, `k`/`v` `[n, d]`, kept key indices.
+    Returns {"bias": [t], "values": [t, d], "mass_rel_err", "out_rel_err", "nnls_converged"}."""
 
 def blas_available() -> bool:
     """Whether a BLAS was loaded (see `kvfast._blas`)."""

@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("am", "am-omp", "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random")
-QUERY_SOURCES = ("repeat", "context")
+QUERY_SOURCES = ("repeat", "context", "self-study", "repeat+self-study")
 #: The instruction of the "repeat" reference queries (the paper's context-reconstruction task).
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
+# Self-study (queries="self-study"): the model answers these about the context on a scratch
+# continuation, and the queries of those turns are the references.
+SELF_STUDY_PROMPTS = (
+    "Summarize the text above.",
+    "Ask a question about one specific detail of the text above, then answer it.",
+    "List the names, numbers and facts stated in the text above.",
+)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from kvfast.compaction import (
     METHODS,
     QUERY_SOURCES,
     REPEAT_INSTRUCTION,
+    SELF_STUDY_PROMPTS,
     CompactionReport,
     load_head_budgets,
     resolve_budget,
@@ -309,7 +310,9 @@ class Session:
         "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
         `queries` (am): "repeat" (prefill a scratch prompt asking to repeat the context, then
         the context; its queries are the references, computed layer by layer on the already
-        compacted layers when `on_policy`) or "context" (the context's own queries, re-run).
+        compacted layers when `on_policy`), "context" (the context's own queries, re-run),
+        "self-study" (the model answers a few prompts about the context on a scratch
+        continuation; the queries of those turns) or "repeat+self-study" (both).
         `task`: a question whose queries replace the repeat prompt (task-guided compaction,
         the Latent Briefing variant): the heads of a layer share one selection, the keys whose
         head-averaged score exceeds median + `task_threshold` * MAD, at most the budget (so a
@@ -331,10 +334,10 @@ class Session:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if queries == "self-study":
-            raise NotImplementedError('queries="self-study" is not implemented yet')
         if queries not in QUERY_SOURCES:
-            raise ValueError(f"unknown query source {queries!r}; expected 'repeat' or 'context'")
+            raise ValueError(
+                f"unknown query source {queries!r}; expected one of {', '.join(QUERY_SOURCES)}"
+            )
         if fit not in ("am", "values", "beta", "none"):
             raise ValueError(f'fit must be "am", "values", "beta" or "none", got {fit!r}')
         for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
@@ -361,16 +364,23 @@ class Session:
         suffix: list[int] | None = None
         is_am = method in ("am", "am-omp")
         needs_suffix = method == "kvzip" or (is_am and queries == "repeat")
+        study = is_am and task is None and queries in ("self-study", "repeat+self-study")
         if task is not None:
             if not is_am:
                 raise ValueError("task= guides Attention Matching only (method='am' or 'am-omp')")
             suffix = self._prompt_ids(task)
+        elif study:
+            if self._tokenizer is None:
+                raise ValueError(f"queries={queries!r} needs a tokenizer")
+            suffix = self._self_study_ids(seed)
+            if queries == "repeat+self-study":
+                suffix = self._repeat_ids() + suffix
         elif needs_suffix:
             suffix = self._repeat_ids()
         report = self._engine.compact(
             budget,
             method=method,
-            queries=queries if task is None else "repeat",
+            queries="repeat" if task is not None or study else queries,
             suffix=suffix,
             sink=sink,
             recent=recent,
@@ -396,6 +406,18 @@ class Session:
         if self._template is not None:
             text = self.apply_chat_template([{"role": "user", "content": text}])
         return self.encode(text)
+
+    def _self_study_ids(self, seed: int, max_new_tokens: int = 64) -> list[int]:
+        """Self-study turns: each prompt of SELF_STUDY_PROMPTS with the model's own (seeded,
+        sampled) answer, generated on a scratch continuation of the cache."""
+        ids: list[int] = []
+        for i, text in enumerate(SELF_STUDY_PROMPTS):
+            prompt = self._prompt_ids(text)
+            answer = self._engine.generate_scratch(
+                prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed + i
+            )
+            ids += prompt + list(answer)
+        return ids
 
     def _repeat_ids(self) -> list[int]:
         """The repeat prompt: the instruction (as a chat turn when there is a template), then

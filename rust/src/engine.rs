@@ -252,6 +252,46 @@ impl Engine {
     }
 }
 
+/// Scratch continuations: run something on top of the cache, then put the cache back.
+impl Engine {
+    /// Prefills `prompt`, samples up to `max_new` tokens (stopping after an end-of-sequence
+    /// id) and returns them; the cache, history and last logits are then restored, so the
+    /// continuation leaves no trace (self-study queries are made this way).
+    pub fn generate_scratch(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        max_new: usize,
+    ) -> Result<Vec<u32>> {
+        self.check_ids(prompt)?;
+        let saved = (
+            self.last_logits.clone(),
+            self.history.len(),
+            self.exact_tail,
+        );
+        let result = (|| {
+            self.prefill(prompt, LogitsWant::None)?;
+            let eos = self.model.cfg.eos_token_ids.clone();
+            let mut out = Vec::new();
+            while out.len() < max_new
+                && self.cache.next_position() < self.model.cfg.max_position_embeddings
+            {
+                let id = self.step(sampler)?;
+                out.push(id);
+                if eos.contains(&id) {
+                    break;
+                }
+            }
+            Ok(out)
+        })();
+        let added = self.history.len() - saved.1;
+        self.cache.truncate_last(added)?;
+        self.history.truncate(saved.1);
+        (self.last_logits, self.exact_tail) = (saved.0, saved.2);
+        result
+    }
+}
+
 /// Compaction: reference queries come from running the model; the pipeline does the rest.
 impl Engine {
     /// Compacts the cache in place. `suffix`: the token ids of the repeat prompt (instruction +
@@ -329,6 +369,33 @@ impl Engine {
             Method::Tova => Some(1),
             _ => None,
         }
+    }
+
+    /// Every layer's queries `[n_heads, s, d]` (after QK-norm and RoPE) for `ids` run on top
+    /// of the cache, which is left as it was (inspection and cross-checks).
+    pub fn reference_queries(&mut self, ids: &[u32]) -> Result<Vec<Tensor>> {
+        if ids.is_empty() {
+            return Err(Error::invalid("reference_queries: no token ids"));
+        }
+        self.check_ids(ids)?;
+        let qs = self.capture(ids)?;
+        self.cache.truncate_last(ids.len())?;
+        Ok(qs)
+    }
+
+    /// One (layer, KV head)'s keys, values `[n, d]` and biases `[n]` as f32.
+    pub fn head_cache(&self, layer: usize, head: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cache;
+        if layer >= c.n_layers() || head >= c.n_kv_heads() {
+            return Err(Error::invalid(format!(
+                "no head ({layer}, {head}): the cache has {} layers of {} KV heads",
+                c.n_layers(),
+                c.n_kv_heads()
+            )));
+        }
+        let h = c.head(layer, head);
+        let f = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
+        Ok((f(h.keys()?)?, f(h.values()?)?, f(h.bias()?)?))
     }
 
     /// Runs `ids` on top of the cache capturing every layer's queries `[n_heads, s, d]`; the

@@ -244,6 +244,29 @@ impl Engine {
         })
     }
 
+    /// Generates from `prompt` on top of the cache and returns the new ids; the cache is left
+    /// exactly as it was.
+    #[pyo3(signature = (prompt, max_new_tokens = 64, temperature = 0.0, seed = None))]
+    fn generate_scratch(
+        &mut self,
+        py: Python<'_>,
+        prompt: Vec<i64>,
+        max_new_tokens: usize,
+        temperature: f32,
+        seed: Option<u64>,
+    ) -> PyResult<Vec<u32>> {
+        let prompt = to_ids(&prompt)?;
+        let params = SamplingParams {
+            temperature,
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params, seed)?;
+        let core = &mut self.core;
+        run(py, move || {
+            core.generate_scratch(&prompt, &mut sampler, max_new_tokens)
+        })
+    }
+
     /// Compacts the cache to `budget` keys per head on average (see `Session.compact`).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
@@ -375,6 +398,59 @@ impl Engine {
     fn reset(&mut self, py: Python<'_>) -> PyResult<()> {
         let core = &mut self.core;
         run(py, move || core.reset())
+    }
+
+    /// Every layer's reference queries `[n_heads, len(ids), d]` for `ids` run on top of the
+    /// cache (which is left unchanged).
+    fn reference_queries<'py>(
+        &mut self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let ids = to_ids(&ids)?;
+        let core = &mut self.core;
+        let qs = run(py, move || {
+            core.reference_queries(&ids)?
+                .into_iter()
+                .map(|q| {
+                    let (h, s, d) = q.dims3()?;
+                    Ok((
+                        (h, s, d),
+                        q.to_dtype(candle_core::DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    ))
+                })
+                .collect::<crate::error::Result<Vec<_>>>()
+        })?;
+        qs.into_iter()
+            .map(|((h, s, d), data)| {
+                Ok(PyArray1::from_vec(py, data).reshape([h, s, d])?.into_any())
+            })
+            .collect()
+    }
+
+    /// One (layer, KV head)'s cached keys, values `[n, d]` and biases `[n]` (f32 copies).
+    fn head_cache<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        head: usize,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let core = &self.core;
+        let (k, v, b) = run(py, move || {
+            let (k, v, b) = core.head_cache(layer, head)?;
+            let flat = |t: &candle_core::Tensor| -> crate::error::Result<Vec<f32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?)
+            };
+            Ok((flat(&k)?, flat(&v)?, flat(&b)?))
+        })?;
+        let n = b.len();
+        Ok((
+            f32_array(py, k, Some(n))?,
+            f32_array(py, v, Some(n))?,
+            f32_array(py, b, None)?,
+        ))
     }
 
     fn cache_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

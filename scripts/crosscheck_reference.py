@@ -1,0 +1,143 @@
+"""Cross-check kvfast's one-head Attention-Matching fit against the reference implementation
+(adamzweiger/compaction, torch; its code is not part of kvfast).
+
+Two steps, because the reference needs torch and kvfast does not:
+
+    # 1. with kvfast: real K/V/Q of qwen3-small heads (repeat queries over a 2048-token context)
+    python scripts/crosscheck_reference.py dump --model ../shared/models/qwen3-small \\
+        --data ../shared/data --out /tmp/heads.npz
+    # 2. with torch and a checkout of github.com/adamzweiger/compaction
+    python scripts/crosscheck_reference.py compare --heads /tmp/heads.npz --reference ./compaction
+
+Both fits see the same block (the head's keys and values without the sink and recent window),
+the same reference queries (every query head of the group stacked, subsampled to 4096), the
+same budget, and no causal mask. Step 1 stores kvfast's selection (root-mean-square attention,
+top-t) and fit (bounded NNLS beta in [-3, 3], least-squares values); step 2 runs the reference's
+`HighestAttentionKeysCompaction` with the matching settings and prints how close the two are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def errors(q, k, v, keep, beta, values) -> tuple[float, float]:
+    """Relative mass and output errors of (keep, beta, values) on queries q (f64, no mask)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    logits = q @ k.T / math.sqrt(k.shape[1])
+    mx = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - mx)
+    mass, target = e.sum(axis=1), e @ v / e.sum(axis=1, keepdims=True)
+    a = e[:, keep] * np.exp(np.asarray(beta, dtype=np.float64))
+    fitted = a.sum(axis=1)
+    out = a @ np.asarray(values, dtype=np.float64) / fitted[:, None]
+    return (
+        float(np.linalg.norm(fitted - mass) / np.linalg.norm(mass)),
+        float(np.linalg.norm(out - target) / np.linalg.norm(target)),
+    )
+
+
+def dump(a: argparse.Namespace) -> None:
+    from kvfast import Session, _native
+
+    s = Session.from_pretrained(a.model)
+    hay = s.encode(json.loads((a.data / "ruler" / "PaulGrahamEssays.json").read_text())["text"])
+    ids = hay[: a.length]
+    s.prefill(ids, logits=None)
+    qs = s.engine.reference_queries(s._repeat_ids())
+    info = s.cache_info()
+    n_kv, sink, recent = info["kv_heads"], 4, 64
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    heads = [(la, h) for la in range(info["layers"]) for h in range(n_kv)]
+    for i, (la, h) in enumerate(heads[:: max(1, len(heads) // a.heads)][: a.heads]):
+        k, v, _ = s.engine.head_cache(la, h)
+        k, v = k[sink:-recent], v[sink:-recent]
+        g = qs[la].shape[0] // n_kv
+        q = qs[la][h * g : (h + 1) * g].reshape(-1, k.shape[1])
+        q = q[np.sort(rng.choice(len(q), min(len(q), 4096), replace=False))]
+        t = len(k) // a.ratio
+        logits = q.astype(np.float64) @ k.T.astype(np.float64) / math.sqrt(k.shape[1])
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        keep = np.sort(np.argsort(-np.sqrt((p**2).mean(axis=0)), kind="stable")[:t])
+        f = _native.fit_head(q, k, v, keep.tolist(), fit="am", beta_bounds=(-3.0, 3.0))
+        for name, x in dict(q=q, k=k, v=v, keep=keep, beta=f["bias"], values=f["values"]).items():
+            out[f"{i}/{name}"] = np.asarray(x)
+        out[f"{i}/where"] = np.array([la, h, t])
+    np.savez_compressed(a.out, **out)
+    print(f"wrote {len(out) // 7} heads to {a.out}")
+
+
+def compare(a: argparse.Namespace) -> None:
+    import torch
+
+    sys.path.insert(0, str(a.reference))
+    from compaction.algorithms.highest_attention_keys import HighestAttentionKeysCompaction
+
+    ref = HighestAttentionKeysCompaction(
+        score_method="rms",
+        nnls_iters=2,
+        nnls_lower_bound=math.exp(-3),
+        nnls_upper_bound=math.exp(3),
+    )
+    z = np.load(a.heads)
+    n = len({key.split("/")[0] for key in z.files})
+    print(
+        "| layer | head | keys | kept | same keys | mass err kvfast / ref | out err kvfast / ref |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    ours_out, ref_out, overlap = [], [], []
+    for i in range(n):
+        g = {name: z[f"{i}/{name}"] for name in ("q", "k", "v", "keep", "beta", "values", "where")}
+        la, h, t = (int(x) for x in g["where"])
+        _, beta, c2, idx = ref.compute_compacted_cache(
+            torch.from_numpy(g["k"]),
+            torch.from_numpy(g["v"]),
+            torch.from_numpy(g["q"]),
+            t,
+        )
+        order = np.argsort(idx)
+        idx = np.asarray(idx)[order]
+        rbeta, rc2 = beta.float().numpy()[order], c2.float().numpy()[order]
+        mine = errors(g["q"], g["k"], g["v"], g["keep"], g["beta"], g["values"])
+        theirs = errors(g["q"], g["k"], g["v"], idx, rbeta, rc2)
+        same = len(set(idx.tolist()) & set(g["keep"].tolist())) / t
+        ours_out.append(mine[1])
+        ref_out.append(theirs[1])
+        overlap.append(same)
+        print(
+            f"| {la} | {h} | {len(g['k'])} | {t} | {same:.3f} | {mine[0]:.4f} / {theirs[0]:.4f} "
+            f"| {mine[1]:.4f} / {theirs[1]:.4f} |"
+        )
+    print(
+        f"\nmean: same keys {np.mean(overlap):.3f}, output error kvfast {np.mean(ours_out):.4f} "
+        f"vs reference {np.mean(ref_out):.4f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dump")
+    d.add_argument("--model", required=True)
+    d.add_argument("--data", type=Path, required=True)
+    d.add_argument("--length", type=int, default=2048)
+    d.add_argument("--ratio", type=int, default=8)
+    d.add_argument("--heads", type=int, default=8)
+    d.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("--heads", type=Path, required=True)
+    c.add_argument("--reference", type=Path, required=True)
+    a = p.parse_args()
+    dump(a) if a.cmd == "dump" else compare(a)
+
+
+if __name__ == "__main__":
+    main()
