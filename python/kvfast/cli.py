@@ -1,4 +1,5 @@
-"""The `kvfast` command line: `kvfast generate ...`, `kvfast demo` and `kvfast info ...`."""
+"""The `kvfast` command line: `kvfast generate ...`, `kvfast demo`, `kvfast calibrate-budgets ...`
+and `kvfast info ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvfast import KvfastError, Session, __version__, demo
+from kvfast import KvfastError, Session, __version__, calibrate, demo
 from kvfast._native import build_features
 from kvfast.compaction import METHODS
 
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--methods", default="am,snapkv", help="comma-separated compaction methods to compare"
     )
+
+    c = sub.add_parser(
+        "calibrate-budgets",
+        help="measure each head's need for keys and write a head-budget profile (JSON)",
+    )
+    _add_model_args(c)
+    c.add_argument("--context", type=Path, default=None, help="text file (default: the demo text)")
+    c.add_argument("--length", type=int, default=2048, help="context tokens to use")
+    c.add_argument("--ratio", type=float, default=8.0)
+    c.add_argument("--method", default="am", choices=METHODS)
+    c.add_argument("--out", type=Path, required=True, help="where to write the profile")
 
     i = sub.add_parser("info", help="show the model's config, size and memory use")
     _add_model_args(i)
@@ -137,6 +149,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.context is not None and not args.context.is_file():
+        raise FileNotFoundError(f"context file not found: {args.context}")
+    text = args.context.read_text(encoding="utf-8") if args.context else demo.demo_text()
+    ids = s.encode(text)[: args.length]
+    profile = calibrate.calibrate_budgets(s, ids, ratio=args.ratio, method=args.method)
+    path = calibrate.write_profile(profile, args.out)
+    keys = [n for row in profile["budgets"] for n in row]
+    print(
+        f"wrote {path}: {len(keys)} heads, {min(keys)}-{max(keys)} keys per head "
+        f"(average budget {profile['budget']} at {args.ratio:g}x on {len(ids)} tokens); "
+        f'use it with session.compact(ratio=..., head_budgets="{path}")'
+    )
+    return 0
+
+
 def _kv_bytes_per_token(s: Session) -> int:
     # Measured rather than computed from the config, so it counts what the engine really
     # stores per token (K and V in the cache dtype plus the per-key bias).
@@ -177,7 +206,12 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kvfast` script; returns the exit status."""
     args = _parser().parse_args(argv)
-    command = {"generate": _generate, "demo": _demo, "info": _info}[args.command]
+    command = {
+        "generate": _generate,
+        "demo": _demo,
+        "calibrate-budgets": _calibrate,
+        "info": _info,
+    }[args.command]
     try:
         return command(args)
     # Expected failures (bad path, bad option value, device missing) get one line, not a

@@ -148,9 +148,47 @@ def resolve_budget(
     return budget
 
 
-def load_head_budgets(path: str | os.PathLike[str]) -> list[list[int]]:
-    """A `[layer][kv_head]` table of keys per head from a JSON file (`{"budgets": [[...]]}`
-    or the bare table)."""
+@dataclass(frozen=True)
+class BudgetProfile:
+    """Head budgets from a JSON file: an absolute `[layer][kv_head]` table of keys, or the
+    `shares` of the model-wide pool each head gets (a calibrated profile, which scales to any
+    budget)."""
+
+    table: list[list[int]] | None = None
+    shares: list[list[float]] | None = None
+
+    def keys_for(self, budget: int, rows: list[list[int]]) -> list[list[int]]:
+        """Keys per head for an average `budget` on a cache with `rows` tokens per head."""
+        if self.shares is None:
+            return self.table or []
+        pool = budget * sum(map(len, rows))
+        if [len(r) for r in self.shares] != [len(r) for r in rows]:
+            raise ValueError(
+                f"the budget profile has {[len(r) for r in self.shares]} heads per layer, "
+                f"the cache {[len(r) for r in rows]}"
+            )
+        return [
+            [min(n, round(s * pool)) for s, n in zip(sr, nr, strict=True)]
+            for sr, nr in zip(self.shares, rows, strict=True)
+        ]
+
+
+def _is_table(t: object, kind: type | tuple[type, ...]) -> bool:
+    return (
+        isinstance(t, list)
+        and bool(t)
+        and all(
+            isinstance(r, list)
+            and r
+            and all(isinstance(x, kind) and not isinstance(x, bool) and float(x) >= 0 for x in r)  # type: ignore[arg-type]
+            for r in t
+        )
+    )
+
+
+def load_head_budgets(path: str | os.PathLike[str]) -> BudgetProfile:
+    """Head budgets from a JSON file: `{"shares": [[...]]}` (a calibrated profile, see
+    `kvfast calibrate-budgets`), `{"budgets": [[...]]}` or the bare table of keys."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(
@@ -160,19 +198,13 @@ def load_head_budgets(path: str | os.PathLike[str]) -> list[list[int]]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"head budget file {p} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "shares" in data:
+        if not _is_table(data["shares"], (int, float)):
+            raise ValueError(f"head budget file {p}: shares must be a table of numbers >= 0")
+        return BudgetProfile(shares=[[float(x) for x in r] for r in data["shares"]])
     table = data.get("budgets") if isinstance(data, dict) else data
-    ok = (
-        isinstance(table, list)
-        and table
-        and all(
-            isinstance(r, list)
-            and r
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r)
-            for r in table
-        )
-    )
-    if not ok:
+    if not _is_table(table, int):
         raise ValueError(
             f"head budget file {p} must hold a [layer][kv_head] table of non-negative ints"
         )
-    return table  # type: ignore[return-value]
+    return BudgetProfile(table=table)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from kvfast.compaction import (
     QUERY_SOURCES,
     REPEAT_INSTRUCTION,
     SELF_STUDY_PROMPTS,
+    BudgetProfile,
     CompactionReport,
     load_head_budgets,
     resolve_budget,
@@ -347,12 +348,16 @@ class Session:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         table: list[list[int]] | None = None
         policy: str | None = None
+        profile: BudgetProfile | None = None
         if isinstance(head_budgets, list):
             table = head_budgets
         elif head_budgets in ("global", "uniform", "entropy"):
             policy = str(head_budgets)
         elif head_budgets is not None:
-            table = load_head_budgets(head_budgets)
+            profile = load_head_budgets(head_budgets)
+            table = profile.table
+            if profile.shares is not None and ratio is None and budget is None:
+                raise ValueError("a calibrated budget profile (shares) needs ratio= or budget=")
         rows = self._engine.cache_info()["tokens_per_head"]
         # The budget is relative to the compacted layers (bad indices are the engine's to report).
         chosen = [rows[i] for i in layers or () if isinstance(i, int) and 0 <= i < len(rows)]
@@ -361,6 +366,8 @@ class Session:
         if table is not None and ratio is None and budget is None:
             budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))
         budget = resolve_budget(mean, ratio, budget, sink, recent)
+        if profile is not None and profile.shares is not None:
+            table = profile.keys_for(budget, rows)
         suffix: list[int] | None = None
         is_am = method in ("am", "am-omp")
         needs_suffix = method == "kvzip" or (is_am and queries == "repeat")
