@@ -68,11 +68,14 @@ def dump(a: argparse.Namespace) -> None:
         p /= p.sum(axis=1, keepdims=True)
         keep = np.sort(np.argsort(-np.sqrt((p**2).mean(axis=0)), kind="stable")[:t])
         f = _native.fit_head(q, k, v, keep.tolist(), fit="am", beta_bounds=(-3.0, 3.0))
-        for name, x in dict(q=q, k=k, v=v, keep=keep, beta=f["bias"], values=f["values"]).items():
+        ls = _native.fit_head(q, k, v, keep.tolist(), fit="am", ridge=0.0, beta_bounds=(-3.0, 3.0))
+        arrays = dict(q=q, k=k, v=v, keep=keep, beta=f["bias"], values=f["values"])
+        arrays.update(beta_ls=ls["bias"], values_ls=ls["values"])
+        for name, x in arrays.items():
             out[f"{i}/{name}"] = np.asarray(x)
         out[f"{i}/where"] = np.array([la, h, t])
     np.savez_compressed(a.out, **out)
-    print(f"wrote {len(out) // 7} heads to {a.out}")
+    print(f"wrote {len(out) // 9} heads to {a.out}")
 
 
 def compare(a: argparse.Namespace) -> None:
@@ -90,12 +93,14 @@ def compare(a: argparse.Namespace) -> None:
     z = np.load(a.heads)
     n = len({key.split("/")[0] for key in z.files})
     print(
-        "| layer | head | keys | kept | same keys | mass err kvfast / ref | out err kvfast / ref |"
+        "| layer | head | keys | kept | same keys | mass err kvfast / ref "
+        "| out err kvfast (ridge 0) / ref | out err kvfast default (held-out ridge) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    ours_out, ref_out, overlap = [], [], []
+    print("|---|---|---|---|---|---|---|---|")
+    ours_out, ls_out, ref_out, overlap = [], [], [], []
     for i in range(n):
-        g = {name: z[f"{i}/{name}"] for name in ("q", "k", "v", "keep", "beta", "values", "where")}
+        names = ("q", "k", "v", "keep", "beta", "values", "beta_ls", "values_ls", "where")
+        g = {name: z[f"{i}/{name}"] for name in names}
         la, h, t = (int(x) for x in g["where"])
         _, beta, c2, idx = ref.compute_compacted_cache(
             torch.from_numpy(g["k"]),
@@ -107,18 +112,21 @@ def compare(a: argparse.Namespace) -> None:
         idx = np.asarray(idx)[order]
         rbeta, rc2 = beta.float().numpy()[order], c2.float().numpy()[order]
         mine = errors(g["q"], g["k"], g["v"], g["keep"], g["beta"], g["values"])
+        lsq = errors(g["q"], g["k"], g["v"], g["keep"], g["beta_ls"], g["values_ls"])
         theirs = errors(g["q"], g["k"], g["v"], idx, rbeta, rc2)
         same = len(set(idx.tolist()) & set(g["keep"].tolist())) / t
         ours_out.append(mine[1])
+        ls_out.append(lsq[1])
         ref_out.append(theirs[1])
         overlap.append(same)
         print(
-            f"| {la} | {h} | {len(g['k'])} | {t} | {same:.3f} | {mine[0]:.4f} / {theirs[0]:.4f} "
-            f"| {mine[1]:.4f} / {theirs[1]:.4f} |"
+            f"| {la} | {h} | {len(g['k'])} | {t} | {same:.3f} | {lsq[0]:.4f} / {theirs[0]:.4f} "
+            f"| {lsq[1]:.4f} / {theirs[1]:.4f} | {mine[1]:.4f} |"
         )
     print(
-        f"\nmean: same keys {np.mean(overlap):.3f}, output error kvfast {np.mean(ours_out):.4f} "
-        f"vs reference {np.mean(ref_out):.4f}"
+        f"\nmean: same keys {np.mean(overlap):.3f}; output error kvfast ridge 0 "
+        f"{np.mean(ls_out):.4f}, reference {np.mean(ref_out):.4f}, kvfast default "
+        f"{np.mean(ours_out):.4f}"
     )
 
 

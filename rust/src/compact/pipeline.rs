@@ -14,8 +14,9 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-/// Reference queries scored per GEMM (bounds the `[n, chunk]` logits).
-const SCORE_CHUNK: usize = 2048;
+/// Reference queries scored per GEMM (bounds the `[n, chunk]` logits). Small enough that a
+/// chunk of the repeat suffix's position-ordered queries skips the suffix keys it cannot see.
+const SCORE_CHUNK: usize = 512;
 
 use crate::cache::KvCache;
 pub use crate::compact::fit::Fit;
@@ -329,16 +330,24 @@ pub fn score_layer(
             }
             let mut next = 0;
             for chunk in all_rows.chunks(SCORE_CHUNK) {
-                let lt = logits_t(&gather(chunk), &s.k, &s.bias, d, scale);
-                acc.add(lt.as_ref(), visible(chunk).as_deref());
+                // Suffix queries see the scratch keys only up to themselves: logits of the keys
+                // no query of the chunk sees are never computed (the fit's block is the
+                // context, which every suffix query sees).
+                let seen = visible(chunk);
+                let upto = match (&seen, lq.extra > 0) {
+                    (Some(v), true) => v.iter().copied().max().unwrap_or(n).min(n),
+                    _ => n,
+                };
+                let lt = logits_t(&gather(chunk), &s.k[..upto * d], &s.bias[..upto], d, scale);
+                acc.add(lt.as_ref(), seen.as_deref());
                 while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
                     let col = lt.col_as_slice(picked[next] - chunk[0]);
                     if let Some(f) = fit_lt.as_mut() {
-                        f.col_as_slice_mut(next).copy_from_slice(col);
+                        f.col_as_slice_mut(next)[..upto].copy_from_slice(col);
                     }
-                    let upto = fit_visible.as_ref().map_or(n, |v| v[next].min(n));
-                    buf[..upto].copy_from_slice(&col[..upto]);
-                    let (mx, total) = crate::compact::exp::exp_from_max(&mut buf[..upto]);
+                    let sees = fit_visible.as_ref().map_or(n, |v| v[next].min(n));
+                    buf[..sees].copy_from_slice(&col[..sees]);
+                    let (mx, total) = crate::compact::exp::exp_from_max(&mut buf[..sees]);
                     maxes.push(mx);
                     totals.push(total);
                     next += 1;

@@ -226,6 +226,91 @@ pub fn box_lstsq(
     })
 }
 
+/// The normal equations of `min ||P X - Y||^2`: `G = PᵀP`, `B = PᵀY` and `||Y||^2`. Built once
+/// and solved for several ridges (the held-out choice), and added over row subsets.
+struct NormalEq {
+    gram: Mat<f64>,
+    rhs: Mat<f64>,
+    yy: f64,
+}
+
+impl NormalEq {
+    fn new(p: MatRef<f64>, y: MatRef<f64>) -> Self {
+        let (t, d) = (p.ncols(), y.ncols());
+        let mut gram = Mat::<f64>::zeros(t, t);
+        matmul(
+            gram.as_mut(),
+            Accum::Replace,
+            p.transpose(),
+            p,
+            1.0,
+            Par::Seq,
+        );
+        let mut rhs = Mat::<f64>::zeros(t, d);
+        matmul(
+            rhs.as_mut(),
+            Accum::Replace,
+            p.transpose(),
+            y,
+            1.0,
+            Par::Seq,
+        );
+        Self {
+            gram,
+            rhs,
+            yy: y.squared_norm_l2(),
+        }
+    }
+
+    fn plus(&self, o: &Self) -> Self {
+        Self {
+            gram: &self.gram + &o.gram,
+            rhs: &self.rhs + &o.rhs,
+            yy: self.yy + o.yy,
+        }
+    }
+
+    /// `X` for `ridge` relative to the mean diagonal of `G`, pulled towards `anchor`.
+    fn solve(&self, ridge: f64, anchor: Option<MatRef<f64>>) -> Result<Mat<f64>> {
+        let t = self.gram.nrows();
+        let lambda = ridge * (0..t).map(|i| self.gram[(i, i)]).sum::<f64>() / t.max(1) as f64;
+        let mut g = self.gram.clone();
+        for i in 0..t {
+            g[(i, i)] += lambda;
+        }
+        let mut rhs = self.rhs.clone();
+        if let Some(a) = anchor {
+            rhs += Scale(lambda) * a;
+        }
+        let llt = g.llt(Side::Lower).map_err(|_| {
+            Error::invalid(
+                "ridge_lstsq: P^T P + lambda I is not positive definite; raise the ridge",
+            )
+        })?;
+        Ok(llt.solve(&rhs))
+    }
+
+    /// `||P X - Y||^2 = tr(XᵀGX) - 2 tr(XᵀB) + ||Y||^2`, without touching the rows again.
+    fn error(&self, x: MatRef<f64>) -> f64 {
+        let mut gx = Mat::<f64>::zeros(x.nrows(), x.ncols());
+        matmul(
+            gx.as_mut(),
+            Accum::Replace,
+            self.gram.as_ref(),
+            x,
+            1.0,
+            Par::Seq,
+        );
+        let mut e = self.yy;
+        for c in 0..x.ncols() {
+            for i in 0..x.nrows() {
+                e += x[(i, c)] * (gx[(i, c)] - 2.0 * self.rhs[(i, c)]);
+            }
+        }
+        e.max(0.0)
+    }
+}
+
 /// `X [t, d]` minimising `||P X - Y||^2 + lambda ||X - A||^2` with `P [m, t]`, `Y [m, d]`, the
 /// anchor `A [t, d]` (0 when None) and `lambda = ridge * mean(diag(P^T P))` (so `ridge` is
 /// relative to the problem's scale). The value fit anchors at the kept keys' own values: a key
@@ -242,45 +327,18 @@ pub fn ridge_lstsq(
             "ridge_lstsq: P and Y need the same number of rows, the anchor [t, d]",
         ));
     }
-    let mut gram = Mat::<f64>::zeros(t, t);
-    matmul(
-        gram.as_mut(),
-        Accum::Replace,
-        p.transpose(),
-        p,
-        1.0,
-        Par::Seq,
-    );
-    let lambda = ridge * (0..t).map(|i| gram[(i, i)]).sum::<f64>() / t.max(1) as f64;
-    for i in 0..t {
-        gram[(i, i)] += lambda;
-    }
-    let mut rhs = Mat::<f64>::zeros(t, y.ncols());
-    matmul(
-        rhs.as_mut(),
-        Accum::Replace,
-        p.transpose(),
-        y,
-        1.0,
-        Par::Seq,
-    );
-    if let Some(a) = anchor {
-        rhs += Scale(lambda) * a;
-    }
-    let llt = gram.llt(Side::Lower).map_err(|_| {
-        Error::invalid("ridge_lstsq: P^T P + lambda I is not positive definite; raise the ridge")
-    })?;
-    Ok(llt.solve(&rhs))
+    NormalEq::new(p, y).solve(ridge, anchor)
 }
 
 /// Candidate ridges of [`ridge_lstsq_cv`] (relative, as in [`ridge_lstsq`]); the anchor
 /// itself (an infinite ridge) is always a candidate too.
 pub const RIDGE_GRID: [f64; 6] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
 
-/// [`ridge_lstsq`] with the ridge chosen on held-out rows: the rows with `held[r]` fit each
-/// candidate of [`RIDGE_GRID`] (and `X = A`) on the others, the one with the lowest held-out
-/// error wins and is refitted on every row. Returns the solution and the chosen ridge
-/// (`f64::INFINITY` when the anchor itself won).
+/// [`ridge_lstsq`] with the ridge chosen on held-out rows: the rows with `held[r]` score each
+/// candidate of [`RIDGE_GRID`] (and `X = A`) fitted on the others; the one with the lowest
+/// held-out error wins and is refitted on every row. The normal equations are formed once per
+/// row set, so the search costs a few `t x t` solves. Returns the solution and the chosen
+/// ridge (`f64::INFINITY` when the anchor itself won).
 pub fn ridge_lstsq_cv(
     p: MatRef<f64>,
     y: MatRef<f64>,
@@ -301,34 +359,21 @@ pub fn ridge_lstsq_cv(
     }
     let pick =
         |a: MatRef<f64>, r: &[usize]| Mat::<f64>::from_fn(r.len(), a.ncols(), |i, c| a[(r[i], c)]);
-    let (pf, yf) = (pick(p, &fit_rows), pick(y, &fit_rows));
-    let (pv, yv) = (pick(p, &val_rows), pick(y, &val_rows));
-    let val_err = |x: &Mat<f64>| -> f64 {
-        let mut r = yv.clone();
-        matmul(
-            r.as_mut(),
-            Accum::Add,
-            pv.as_ref(),
-            x.as_ref(),
-            -1.0,
-            Par::Seq,
-        );
-        r.squared_norm_l2()
-    };
-    let mut best = (val_err(&anchor.to_owned()), f64::INFINITY);
+    let fit = NormalEq::new(pick(p, &fit_rows).as_ref(), pick(y, &fit_rows).as_ref());
+    let val = NormalEq::new(pick(p, &val_rows).as_ref(), pick(y, &val_rows).as_ref());
+    let mut best = (val.error(anchor), f64::INFINITY);
     for &ridge in &RIDGE_GRID {
         // A candidate the fit rows cannot support (not positive definite) just loses.
-        if let Ok(x) = ridge_lstsq(pf.as_ref(), yf.as_ref(), ridge, Some(anchor)) {
-            let e = val_err(&x);
+        if let Ok(x) = fit.solve(ridge, Some(anchor)) {
+            let e = val.error(x.as_ref());
             if e < best.0 {
                 best = (e, ridge);
             }
         }
     }
-    let x = if best.1.is_finite() {
-        ridge_lstsq(p, y, best.1, Some(anchor))?
-    } else {
-        anchor.to_owned()
+    let x = match best.1.is_finite() {
+        true => fit.plus(&val).solve(best.1, Some(anchor))?,
+        false => anchor.to_owned(),
     };
     Ok((x, best.1))
 }
@@ -460,6 +505,27 @@ mod tests {
         assert!(dist(&pinned) < 1e-12, "{}", dist(&pinned));
         let between = ridge_lstsq(pm, ym, 1.0, Some(anchor.as_ref()))?;
         assert!(dist(&between) < dist(&got) && dist(&between) > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn held_out_ridge_fits_when_it_generalises_and_keeps_the_anchor_when_not() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (m, t, d) = (80, 5, 2);
+        let p = Mat::<f64>::from_fn(m, t, |_, _| rng.random::<f64>());
+        let truth = Mat::<f64>::from_fn(t, d, |_, _| rng.random::<f64>() - 0.5);
+        let anchor = Mat::<f64>::zeros(t, d);
+        let held: Vec<bool> = (0..m).map(|r| r % 2 == 1).collect();
+        // Every row follows the same X: the smallest ridge wins and X is recovered.
+        let y = &p * &truth;
+        let (x, ridge) = ridge_lstsq_cv(p.as_ref(), y.as_ref(), anchor.as_ref(), &held)?;
+        assert_eq!(ridge, RIDGE_GRID[0]);
+        assert!((&x - &truth).norm_max() < 1e-3);
+        // Held-out rows contradict the fit rows (their targets flip sign): fitting only hurts
+        // there, so the anchor itself is kept.
+        let flip = Mat::<f64>::from_fn(m, d, |r, c| if held[r] { -y[(r, c)] } else { y[(r, c)] });
+        let (x, ridge) = ridge_lstsq_cv(p.as_ref(), flip.as_ref(), anchor.as_ref(), &held)?;
+        assert!(ridge.is_infinite() && x.norm_max() == 0.0, "{ridge}");
         Ok(())
     }
 }
