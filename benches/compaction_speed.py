@@ -49,12 +49,13 @@ def matmul_gflops(n: int = 2048, d: int = 128, m: int = 4096) -> float:
 
 
 def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes: int) -> float:
-    """FLOPs of one head's fit: scoring every repeat query against the n + suffix keys
-    (`passes` times), the fit's target outputs, the Gram matrices and the value solve."""
+    """FLOPs of one head's fit: scoring every repeat query against the n context keys and the
+    suffix keys it sees (about half of them on average; `passes` times), the fit's target
+    outputs, the Gram matrices and the value solve."""
     m_all = g * suffix
     m = min(mq, m_all)
     t = kept
-    return passes * 2 * (n + suffix) * d * m_all + 2 * n * d * m + 2 * m * t * (2 * t + d)
+    return passes * 2 * (n + suffix / 2) * d * m_all + 2 * n * d * m + 2 * m * t * (2 * t + d)
 
 
 def main() -> None:

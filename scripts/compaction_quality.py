@@ -32,21 +32,10 @@ QUESTION = (
 # name -> Session.compact keyword arguments (None: the full cache)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
-    "am": {"method": "am"},
-    "am score=max": {"method": "am", "score": "max"},
-    "am queries=context": {"method": "am", "queries": "context"},
-    "am queries=self-study": {"method": "am", "queries": "self-study"},
+    "am": {"method": "am"},  # the default: self-study queries
+    "am queries=repeat": {"method": "am", "queries": "repeat"},
     "am queries=repeat+self-study": {"method": "am", "queries": "repeat+self-study"},
     "am-omp": {"method": "am-omp"},
-    "am-omp fit=am": {"method": "am-omp", "fit": "am"},
-    "am head_budgets=entropy": {"method": "am", "head_budgets": "entropy"},
-    "am ridge=1e-6 (no held-out choice)": {"method": "am", "ridge": 1e-6},
-    "am head_budgets=uniform": {"method": "am", "head_budgets": "uniform"},
-    "am off-policy": {"method": "am", "on_policy": False},
-    "am fit=am (paper: beta + values)": {"method": "am", "fit": "am"},
-    "am fit=am exact NNLS": {"method": "am", "fit": "am", "beta_bounds": None},
-    "am fit=beta": {"method": "am", "fit": "beta"},
-    "am fit=none": {"method": "am", "fit": "none"},
     "kvzip": {"method": "kvzip"},
     "snapkv": {"method": "snapkv"},
     "h2o": {"method": "h2o"},
@@ -54,6 +43,22 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "streaming": {"method": "streaming"},
     "random": {"method": "random"},
 }
+# Ablations of AM with the paper's repeat queries (each changes one thing).
+REPEAT_ABLATIONS: dict[str, dict[str, Any]] = {
+    "score=max": {"score": "max"},
+    "queries=context": {"queries": "context"},
+    "head_budgets=uniform": {"head_budgets": "uniform"},
+    "head_budgets=entropy": {"head_budgets": "entropy"},
+    "off-policy": {"on_policy": False},
+    "fit=am (paper: beta + values)": {"fit": "am"},
+    "fit=am exact NNLS": {"fit": "am", "beta_bounds": None},
+    "fit=beta": {"fit": "beta"},
+    "fit=none": {"fit": "none"},
+    "ridge=1e-6 (no held-out choice)": {"ridge": 1e-6},
+}
+for _name, _kw in REPEAT_ABLATIONS.items():
+    VARIANTS[f"am repeat {_name}"] = {"method": "am", "queries": "repeat", **_kw}
+VARIANTS["am-omp repeat fit=am"] = {"method": "am-omp", "queries": "repeat", "fit": "am"}
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -142,8 +147,21 @@ def main() -> None:
         help="variants run at every ratio (the others at --ablation-ratio only)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="a head-budget profile (kvfast calibrate-budgets): adds the variant "
+        "'am repeat head_budgets=calibrated'",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    if a.profile is not None:
+        VARIANTS["am repeat head_budgets=calibrated"] = {
+            "method": "am",
+            "queries": "repeat",
+            "head_budgets": str(a.profile),
+        }
 
     s = Session.from_pretrained(a.model)
     hay = s.encode(json.loads((a.data / "ruler/PaulGrahamEssays.json").read_text())["text"])
@@ -151,6 +169,8 @@ def main() -> None:
     cases = needle_cases(s, hay, a.cases, a.length, a.seed)
     ratios = [float(r) for r in a.ratios.split(",")]
     names = [n.strip() for n in a.variants.split(",")]
+    if "full" not in names:
+        names.insert(0, "full")  # the reference of every KL and PPL delta
     main_methods = set(a.main.split(","))
     skip = set(a.skip.split(","))
     results: list[dict] = []

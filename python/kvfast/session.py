@@ -7,6 +7,7 @@ templates, hub download, and text-level stopping with incremental detokenization
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 from collections.abc import Iterator, Sequence
@@ -285,7 +286,7 @@ class Session:
         ratio: float | None = None,
         budget: int | None = None,
         method: str = "am",
-        queries: str = "repeat",
+        queries: str | None = None,
         task: str | None = None,
         sink: int = 4,
         recent: int = 64,
@@ -309,7 +310,8 @@ class Session:
         attention output), "am-omp" (the same fit on keys chosen by orthogonal matching pursuit
         on the attention mass) or a baseline that keeps original keys and values with bias 0:
         "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
-        `queries` (am): "repeat" (prefill a scratch prompt asking to repeat the context, then
+        `queries` (am; None: "self-study" when the session has a tokenizer, else "repeat"):
+        "repeat" (prefill a scratch prompt asking to repeat the context, then
         the context; its queries are the references, computed layer by layer on the already
         compacted layers when `on_policy`), "context" (the context's own queries, re-run),
         "self-study" (the model answers a few prompts about the context on a scratch
@@ -335,6 +337,9 @@ class Session:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if queries is None:
+            # Measured best on our testbed (docs/compaction.md); self-study needs text prompts.
+            queries = "self-study" if self._tokenizer is not None else "repeat"
         if queries not in QUERY_SOURCES:
             raise ValueError(
                 f"unknown query source {queries!r}; expected one of {', '.join(QUERY_SOURCES)}"
@@ -346,6 +351,23 @@ class Session:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        # Checked here too (not only in the engine) so that a bad call fails before the
+        # self-study turns are generated.
+        n_layers = len(self._engine.cache_info()["tokens_per_head"])
+        if layers is not None and (
+            not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+            or any(not 0 <= i < n_layers for i in layers)
+        ):
+            raise ValueError(f"layers must be indices in 0..{n_layers - 1}, got {list(layers)}")
+        if beta_bounds is not None and not (
+            len(beta_bounds) == 2
+            and all(math.isfinite(b) for b in beta_bounds)
+            and beta_bounds[0] <= beta_bounds[1]
+        ):
+            raise ValueError(
+                f"beta_bounds must be finite (low, high) with low <= high, got {beta_bounds}"
+            )
         table: list[list[int]] | None = None
         policy: str | None = None
         profile: BudgetProfile | None = None
@@ -387,7 +409,8 @@ class Session:
         report = self._engine.compact(
             budget,
             method=method,
-            queries="repeat" if task is not None or study else queries,
+            # The engine's own sources; the others arrive as a suffix to score like "repeat".
+            queries=queries if is_am and queries == "context" else "repeat",
             suffix=suffix,
             sink=sink,
             recent=recent,
