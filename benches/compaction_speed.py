@@ -78,7 +78,7 @@ def main() -> None:
             session.reset()
             session.prefill(ids, logits=None)
             prefill = time.perf_counter() - t0
-            r = session.compact(ratio=ARGS.ratio, max_queries=ARGS.max_queries)
+            r = session.compact(ratio=ARGS.ratio, max_queries=ARGS.max_queries, queries="repeat")
             heads = layers * kv
             flops = heads * fit_flops(
                 n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 2
