@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from kvfast import Session, __version__
+from two_step import haystack
 
 WORDS = "apple river castle window garden silver forest candle bridge marble".split()
 FACT = " One of the special magic numbers for {k} is: {v}. "
@@ -167,7 +168,7 @@ def main() -> None:
         }
 
     s = Session.from_pretrained(a.model)
-    hay = s.encode(json.loads((a.data / "ruler/PaulGrahamEssays.json").read_text())["text"])
+    hay = haystack(s, a.data)
     wiki = s.encode((a.data / "wikitext-2/wiki.test.raw").read_text(encoding="utf-8"))
     cases = needle_cases(s, hay, a.cases, a.length, a.seed)
     ratios = [float(r) for r in a.ratios.split(",")]

@@ -19,12 +19,12 @@ top-t) and fit (bounded NNLS beta in [-3, 3], least-squares values); step 2 runs
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+from two_step import dump_parser, haystack
 
 
 def errors(q, k, v, keep, beta, values) -> tuple[float, float]:
@@ -47,8 +47,7 @@ def dump(a: argparse.Namespace) -> None:
     from kvfast import Session, _native
 
     s = Session.from_pretrained(a.model)
-    hay = s.encode(json.loads((a.data / "ruler" / "PaulGrahamEssays.json").read_text())["text"])
-    ids = hay[: a.length]
+    ids = haystack(s, a.data)[: a.length]
     s.prefill(ids, logits=None)
     qs = s.engine.reference_queries(s._repeat_ids())
     info = s.cache_info()
@@ -133,13 +132,7 @@ def compare(a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dump")
-    d.add_argument("--model", required=True)
-    d.add_argument("--data", type=Path, required=True)
-    d.add_argument("--length", type=int, default=2048)
-    d.add_argument("--ratio", type=int, default=8)
-    d.add_argument("--heads", type=int, default=8)
-    d.add_argument("--out", type=Path, required=True)
+    dump_parser(sub, ratio=8, heads=8)
     c = sub.add_parser("compare")
     c.add_argument("--heads", type=Path, required=True)
     c.add_argument("--reference", type=Path, required=True)

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from two_step import dump_parser, haystack
 
 
 def dump(a: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     import compaction_quality as cq
     from kvfast import Session
 
     s = Session.from_pretrained(a.model)
-    hay = s.encode(json.loads((a.data / "ruler" / "PaulGrahamEssays.json").read_text())["text"])
-    cases = cq.needle_cases(s, hay, a.cases, a.length, a.seed)
+    cases = cq.needle_cases(s, haystack(s, a.data), a.cases, a.length, a.seed)
     keys = ("context", "question", "answer")
     a.out.write_text(json.dumps([{k: c[k] for k in keys} for c in cases]))
     print(f"wrote {len(cases)} cases to {a.out}")
@@ -71,13 +70,7 @@ def run(a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dump")
-    d.add_argument("--model", required=True)
-    d.add_argument("--data", type=Path, required=True)
-    d.add_argument("--cases", type=int, default=10)
-    d.add_argument("--length", type=int, default=2048)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", type=Path, required=True)
+    dump_parser(sub, cases=10, seed=0)
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--cases", type=Path, required=True)
