@@ -25,6 +25,12 @@ p.add_argument("--lengths", default="1024,2048,4096")
 p.add_argument("--ratio", type=float, default=8.0)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--max-queries", type=int, default=4096)
+p.add_argument(
+    "--queries",
+    default="repeat",
+    help="reference queries: repeat (the paper's) or self-study (kvfast's default; needs a "
+    "tokenizer, so qwen3-small only)",
+)
 p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
 p.add_argument("--config", type=Path, default=SHARED / "configs" / "qwen3-0.6b.json")
 ARGS = p.parse_args()
@@ -78,7 +84,9 @@ def main() -> None:
             session.reset()
             session.prefill(ids, logits=None)
             prefill = time.perf_counter() - t0
-            r = session.compact(ratio=ARGS.ratio, max_queries=ARGS.max_queries, queries="repeat")
+            r = session.compact(
+                ratio=ARGS.ratio, max_queries=ARGS.max_queries, queries=ARGS.queries
+            )
             heads = layers * kv
             flops = heads * fit_flops(
                 n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 2

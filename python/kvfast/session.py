@@ -10,6 +10,7 @@ import json
 import math
 import operator
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -391,6 +392,7 @@ class Session:
         if profile is not None and profile.shares is not None:
             table = profile.keys_for(budget, rows)
         suffix: list[int] | None = None
+        generating = 0.0
         is_am = method in ("am", "am-omp")
         needs_suffix = method == "kvzip" or (is_am and queries == "repeat")
         study = is_am and task is None and queries in ("self-study", "repeat+self-study")
@@ -401,7 +403,9 @@ class Session:
         elif study:
             if self._tokenizer is None:
                 raise ValueError(f"queries={queries!r} needs a tokenizer")
+            t0 = time.perf_counter()
             suffix = self._self_study_ids(seed)
+            generating = time.perf_counter() - t0
             if queries == "repeat+self-study":
                 suffix = self._repeat_ids() + suffix
         elif needs_suffix:
@@ -427,6 +431,8 @@ class Session:
             shared_mad=task_threshold if task is not None else None,
             chunk_size=chunk_size,
         )
+        # Generating the self-study turns is part of making the reference queries.
+        report["seconds_queries"] += generating
         return CompactionReport.from_native(method, budget, report)
 
     def _prompt_ids(self, text: str) -> list[int]:
