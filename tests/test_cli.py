@@ -99,6 +99,8 @@ def test_generate_from_a_compacted_context(
     # One line for the context and its compaction, one for the answer.
     assert "context tokens" in err and "snapkv:" in err and "(4.0x)" in err
     assert "KV cache" in err
+    assert cli.main([*argv, "--max-new-tokens", "2", "--queries", "repeat"]) == 0
+    assert "am:" in capsys.readouterr().err
     # Compacting needs a context; a missing file is one clear line.
     assert cli.main(["generate", "--ratio", "4", "--prompt", "x"]) == 2
     assert "--context" in capsys.readouterr().err

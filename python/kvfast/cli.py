@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvfast import KvfastError, Session, __version__, calibrate, demo
 from kvfast._native import build_features
-from kvfast.compaction import METHODS
+from kvfast.compaction import METHODS, QUERY_SOURCES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=int, default=None, help="compact to this many keys per head")
     g.add_argument(
         "--method", default="am", choices=METHODS, help="compaction method (default: am)"
+    )
+    g.add_argument(
+        "--queries",
+        default=None,
+        choices=QUERY_SOURCES,
+        help="am's reference queries (default: self-study)",
     )
 
     d = sub.add_parser(
@@ -102,7 +108,9 @@ def _generate(args: argparse.Namespace) -> int:
         s.prefill(context, logits=None)
         summary = f"{len(context)} context tokens in {time.perf_counter() - t0:.2f}s"
         if compacting:
-            r = s.compact(ratio=args.ratio, budget=args.budget, method=args.method)
+            r = s.compact(
+                ratio=args.ratio, budget=args.budget, method=args.method, queries=args.queries
+            )
             summary += f"; {r}"
         print(f"[{summary}]", file=sys.stderr)
     ids = s.encode(prompt)
