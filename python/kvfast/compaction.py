@@ -158,9 +158,9 @@ class BudgetProfile:
     shares: list[list[float]] | None = None
 
     def keys_for(self, budget: int, rows: list[list[int]]) -> list[list[int]]:
-        """Keys per head for an average `budget` on a cache with `rows` tokens per head."""
-        if self.shares is None:
-            return self.table or []
+        """Keys per head from the shares, for an average `budget` on a cache with `rows`
+        tokens per head."""
+        assert self.shares is not None, "an absolute table is used as it is"
         pool = budget * sum(map(len, rows))
         if [len(r) for r in self.shares] != [len(r) for r in rows]:
             raise ValueError(

@@ -352,9 +352,10 @@ class Session:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        rows = self._engine.cache_info()["tokens_per_head"]
+        n_layers = len(rows)
         # Checked here too (not only in the engine) so that a bad call fails before the
         # self-study turns are generated.
-        n_layers = len(self._engine.cache_info()["tokens_per_head"])
         if layers is not None and (
             not layers
             or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
@@ -381,10 +382,8 @@ class Session:
             table = profile.table
             if profile.shares is not None and ratio is None and budget is None:
                 raise ValueError("a calibrated budget profile (shares) needs ratio= or budget=")
-        rows = self._engine.cache_info()["tokens_per_head"]
-        # The budget is relative to the compacted layers (bad indices are the engine's to report).
-        chosen = [rows[i] for i in layers or () if isinstance(i, int) and 0 <= i < len(rows)]
-        per_head = [n for layer in chosen or rows for n in layer]
+        # The budget is relative to the compacted layers.
+        per_head = [n for i in (range(n_layers) if layers is None else layers) for n in rows[i]]
         mean = sum(per_head) / len(per_head) if per_head else 0.0
         if table is not None and ratio is None and budget is None:
             budget = round(sum(map(sum, table)) / max(sum(map(len, table)), 1))

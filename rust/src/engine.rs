@@ -263,7 +263,6 @@ impl Engine {
         sampler: &mut Sampler,
         max_new: usize,
     ) -> Result<Vec<u32>> {
-        self.check_ids(prompt)?;
         let saved = (
             self.last_logits.clone(),
             self.history.len(),

@@ -12,7 +12,9 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
-use crate::compact::solve::{box_lstsq, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls};
+use crate::compact::solve::{
+    box_lstsq, cholesky_solve, mean_diag, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls,
+};
 use crate::error::{Error, Result};
 
 /// Outer active-set steps of the bias NNLS before it reports non-convergence.
@@ -167,11 +169,10 @@ impl Block {
         let mut weight = vec![1f64; m];
         for r in 0..m {
             let col = e.col_as_slice_mut(r);
-            let max = match whole {
-                Some((max, _)) => max[r],
-                None => col.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            let s = match whole {
+                Some((max, _)) => crate::compact::exp::exp_shifted(col, max[r]),
+                None => crate::compact::exp::exp_from_max(col).1,
             };
-            let s = crate::compact::exp::exp_shifted(col, max);
             if let Some((_, total)) = whole {
                 weight[r] = s / total[r].max(f64::MIN_POSITIVE);
             }
@@ -257,16 +258,19 @@ impl Block {
     /// `t` keys chosen by orthogonal matching pursuit on the mass (the paper's stronger
     /// selection): each step adds the keys whose attention correlates most with the mass
     /// residual, then refits w >= 0 on the chosen keys by least squares (clamped, as the
-    /// reference code; the Gram matrix grows incrementally). Returns sorted indices.
+    /// reference code; the Gram matrix grows in place). Returns sorted indices.
     pub fn omp_select(&self, t: usize) -> Result<Vec<u32>> {
         let (n, m) = self.e.shape();
         let t = t.min(n);
         let step = t.div_ceil(OMP_STEPS).max(1);
+        let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
         let mut chosen: Vec<usize> = Vec::with_capacity(t);
         let mut taken = vec![false; n];
-        let mut rows: Vec<Vec<f64>> = Vec::with_capacity(t);
-        let mut gram: Vec<f64> = Vec::new(); // row-major c x c, rebuilt as c grows
-        let mut h: Vec<f64> = Vec::new();
+        // The chosen keys' rows of `e` [t, m], their Gram matrix and right-hand side.
+        let mut rows = Mat::<f64>::zeros(t, m);
+        let mut gram = Mat::<f64>::zeros(t, t);
+        let mut h = Mat::<f64>::zeros(t, 1);
+        let mut fitted = Mat::<f64>::zeros(m, 1);
         let mut resid = Mat::<f32>::from_fn(m, 1, |r, _| self.mass[r] as f32);
         let mut corr = Mat::<f32>::zeros(n, 1);
         while chosen.len() < t {
@@ -279,40 +283,68 @@ impl Block {
                 Par::Seq,
             );
             let scores: Vec<f32> = (0..n)
-                .map(|j| {
-                    if taken[j] {
-                        f32::NEG_INFINITY
-                    } else {
-                        corr[(j, 0)]
-                    }
+                .map(|j| match taken[j] {
+                    true => f32::NEG_INFINITY,
+                    false => corr[(j, 0)],
                 })
                 .collect();
-            let add = crate::compact::select::top_k(&scores, step.min(t - chosen.len()));
             let old = chosen.len();
-            for &j in &add {
+            for j in crate::compact::select::top_k(&scores, step.min(t - old)) {
                 let j = j as usize;
                 taken[j] = true;
+                for r in 0..m {
+                    rows[(chosen.len(), r)] = self.e[(j, r)] as f64;
+                }
                 chosen.push(j);
-                rows.push((0..m).map(|r| self.e[(j, r)] as f64).collect());
             }
             let c = chosen.len();
-            let mut g = vec![0f64; c * c];
-            for i in 0..old {
-                g[i * c..i * c + old].copy_from_slice(&gram[i * old..(i + 1) * old]);
-            }
-            for i in old..c {
-                for k in 0..=i {
-                    let x: f64 = rows[i].iter().zip(&rows[k]).map(|(a, b)| a * b).sum();
-                    g[i * c + k] = x;
-                    g[k * c + i] = x;
+            let (new, all) = (
+                rows.as_ref().subrows(old, c - old),
+                rows.as_ref().subrows(0, c),
+            );
+            // The new rows against every chosen row, mirrored into the Gram matrix.
+            let mut cross = Mat::<f64>::zeros(c - old, c);
+            matmul(
+                cross.as_mut(),
+                Accum::Replace,
+                new,
+                all.transpose(),
+                1.0,
+                Par::Seq,
+            );
+            for i in 0..c - old {
+                for k in 0..c {
+                    gram[(old + i, k)] = cross[(i, k)];
+                    gram[(k, old + i)] = cross[(i, k)];
                 }
-                h.push(rows[i].iter().zip(&self.mass).map(|(a, b)| a * b).sum());
             }
-            gram = g;
-            let w = clamped_lstsq(&gram, &h, c)?;
+            matmul(
+                h.as_mut().subrows_mut(old, c - old),
+                Accum::Replace,
+                new,
+                mass,
+                1.0,
+                Par::Seq,
+            );
+            // A tiny ridge keeps Cholesky alive when chosen columns coincide.
+            let g = gram.as_ref().submatrix(0, 0, c, c);
+            let lambda = 1e-9 * mean_diag(g) + 1e-300;
+            let mut w = cholesky_solve(g, h.as_ref().subrows(0, c), lambda).ok_or_else(|| {
+                Error::invalid("omp: the Gram matrix of the chosen keys is singular")
+            })?;
+            for i in 0..c {
+                w[(i, 0)] = w[(i, 0)].max(1e-12);
+            }
+            matmul(
+                fitted.as_mut(),
+                Accum::Replace,
+                all.transpose(),
+                w.as_ref(),
+                1.0,
+                Par::Seq,
+            );
             for r in 0..m {
-                let fitted: f64 = (0..c).map(|i| rows[i][r] * w[i]).sum();
-                resid[(r, 0)] = (self.mass[r] - fitted) as f32;
+                resid[(r, 0)] = (self.mass[r] - fitted[(r, 0)]) as f32;
             }
         }
         let mut keep: Vec<u32> = chosen.into_iter().map(|j| j as u32).collect();
@@ -324,8 +356,7 @@ impl Block {
     /// baselines and `fit="none"` give.
     pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
         let a = self.kept(keep);
-        let vals = Mat::<f64>::from_fn(keep.len(), d, |i, c| v[keep[i] as usize * d + c] as f64);
-        self.evaluate(&a, &vec![1.0; keep.len()], vals.as_ref())
+        self.evaluate(&a, &vec![1.0; keep.len()], kept_values(keep, v, d).as_ref())
     }
 
     /// w = exp(beta) >= 0 from NNLS on the mass equations `A^T w ~ mass` (`a` is `[t, m]`),
@@ -411,13 +442,13 @@ impl Block {
         // A key with w = 0 would get beta = -inf; floor it so the block stays finite.
         let w: Vec<f64> = sol.w.iter().map(|&x| x.max(1e-12)).collect();
         let d = self.target.nrows();
+        let own = kept_values(keep, v, d);
         let cv = match what {
             Fit::Am | Fit::Values => {
                 let (_, pt) = Self::kept_softmax(&a, &w);
                 let wr = &self.weight;
                 let pw = Mat::<f64>::from_fn(m, t, |r, i| pt[(i, r)] * wr[r]);
                 let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64 * wr[r]);
-                let own = Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64);
                 match p.ridge {
                     Some(r) => ridge_lstsq(pw.as_ref(), y.as_ref(), r, Some(own.as_ref()))?,
                     None => {
@@ -428,9 +459,7 @@ impl Block {
                     }
                 }
             }
-            Fit::Beta | Fit::None => {
-                Mat::<f64>::from_fn(t, d, |i, c| v[keep[i] as usize * d + c] as f64)
-            }
+            Fit::Beta | Fit::None => own,
         };
         let fidelity = self.evaluate(&a, &w, cv.as_ref());
         Ok(HeadFit {
@@ -449,24 +478,9 @@ impl Block {
     }
 }
 
-/// Least squares on the normal equations `g w = h` (with a tiny ridge for keys whose
-/// attention columns coincide), negative weights clamped to 1e-12.
-fn clamped_lstsq(g: &[f64], h: &[f64], c: usize) -> Result<Vec<f64>> {
-    let mean_diag = (0..c).map(|i| g[i * c + i]).sum::<f64>() / c.max(1) as f64;
-    let gm = Mat::<f64>::from_fn(c, c, |i, k| {
-        g[i * c + k]
-            + if i == k {
-                1e-9 * mean_diag + 1e-300
-            } else {
-                0.0
-            }
-    });
-    let llt = gm
-        .llt(faer::Side::Lower)
-        .map_err(|_| Error::invalid("omp: the Gram matrix of the chosen keys is singular"))?;
-    let rhs = Mat::<f64>::from_fn(c, 1, |i, _| h[i]);
-    let w = faer::linalg::solvers::Solve::solve(&llt, &rhs);
-    Ok((0..c).map(|i| w[(i, 0)].max(1e-12)).collect())
+/// The kept keys' rows of `v [n, d]` as `[t, d]` f64.
+fn kept_values(keep: &[u32], v: &[f32], d: usize) -> Mat<f64> {
+    Mat::from_fn(keep.len(), d, |i, c| v[keep[i] as usize * d + c] as f64)
 }
 
 /// Fits the kept keys `keep` of a whole head (every key in the block).

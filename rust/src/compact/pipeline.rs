@@ -318,9 +318,7 @@ pub fn score_layer(
             };
             let mut fit_lt =
                 (keep_logits && hi - lo <= opts.chunk).then(|| Mat::<f32>::zeros(n, picked.len()));
-            let fit_visible = visible(&picked);
             let (mut maxes, mut totals) = (Vec::new(), Vec::new());
-            let mut buf = vec![0f32; n];
             // Scores use every query (a key may matter to one query only, as in copying), in
             // chunks so the logits stay bounded; the fit's columns are copied out on the way.
             let all_rows: Vec<usize> = (0..rows).collect();
@@ -339,17 +337,15 @@ pub fn score_layer(
                     _ => n,
                 };
                 let lt = logits_t(&gather(chunk), &s.k[..upto * d], &s.bias[..upto], d, scale);
-                acc.add(lt.as_ref(), seen.as_deref());
+                // The fit's queries reuse the scoring pass's softmax statistics.
+                let stats = acc.add(lt.as_ref(), seen.as_deref());
                 while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
-                    let col = lt.col_as_slice(picked[next] - chunk[0]);
+                    let c = picked[next] - chunk[0];
                     if let Some(f) = fit_lt.as_mut() {
-                        f.col_as_slice_mut(next)[..upto].copy_from_slice(col);
+                        f.col_as_slice_mut(next)[..upto].copy_from_slice(lt.col_as_slice(c));
                     }
-                    let sees = fit_visible.as_ref().map_or(n, |v| v[next].min(n));
-                    buf[..sees].copy_from_slice(&col[..sees]);
-                    let (mx, total) = crate::compact::exp::exp_from_max(&mut buf[..sees]);
-                    maxes.push(mx);
-                    totals.push(total);
+                    maxes.push(stats[c].0);
+                    totals.push(stats[c].1);
                     next += 1;
                 }
             }
@@ -460,24 +456,23 @@ pub struct HeadOutcome {
 /// weighted by their key counts (exact for one chunk).
 #[derive(Default)]
 struct ChunkErrors {
-    sums: Option<(f64, f64, f64)>,
+    mass: f64,
+    out: f64,
+    keys: f64,
 }
 
 impl ChunkErrors {
     fn add(&mut self, f: Fidelity, keys: usize) {
         let w = keys as f64;
-        let (m, o, t) = self.sums.unwrap_or_default();
-        self.sums = Some((
-            m + w * f.mass_rel_err.powi(2),
-            o + w * f.out_rel_err.powi(2),
-            t + w,
-        ));
+        self.mass += w * f.mass_rel_err.powi(2);
+        self.out += w * f.out_rel_err.powi(2);
+        self.keys += w;
     }
 
     fn finish(self) -> Option<Fidelity> {
-        self.sums.map(|(m, o, t)| Fidelity {
-            mass_rel_err: (m / t).sqrt(),
-            out_rel_err: (o / t).sqrt(),
+        (self.keys > 0.0).then(|| Fidelity {
+            mass_rel_err: (self.mass / self.keys).sqrt(),
+            out_rel_err: (self.out / self.keys).sqrt(),
         })
     }
 }

@@ -114,8 +114,15 @@ impl ScoreAcc {
         self.entropy.unwrap_or(0.0) / self.queries.max(1) as f64
     }
 
-    pub fn add(&mut self, logits_t: faer::MatRef<f32>, visible: Option<&[usize]>) {
+    /// Adds the queries of `logits_t [n, m]`; returns each one's softmax statistics
+    /// `(max logit, total exp(logit - max))` over the keys it sees.
+    pub fn add(
+        &mut self,
+        logits_t: faer::MatRef<f32>,
+        visible: Option<&[usize]>,
+    ) -> Vec<(f32, f64)> {
         let (n, m) = logits_t.shape();
+        let mut stats = Vec::with_capacity(m);
         for r in 0..m {
             let upto = visible.map_or(n, |v| v[r].min(n));
             let p = &mut self.p[..upto];
@@ -127,6 +134,7 @@ impl ScoreAcc {
                     .for_each(|(j, x)| *x = logits_t[(j, r)]),
             }
             let (max, sum) = crate::compact::exp::exp_from_max(p);
+            stats.push((max, sum));
             let inv = (1.0 / sum) as f32;
             if let Some(h) = self.entropy.as_mut() {
                 // H = ln S - sum_i p_i (l_i - max) with p_i = e_i / S and e_i = exp(l_i - max).
@@ -144,6 +152,7 @@ impl ScoreAcc {
             }
         }
         self.queries += m;
+        stats
     }
 
     pub fn finish(self) -> Vec<f32> {
@@ -208,13 +217,12 @@ pub fn proportional(weights: &[f64], caps: &[usize], total: usize) -> Vec<usize>
             .filter(|&i| !capped[i])
             .map(|i| weights[i].max(0.0))
             .sum();
-        let open = (0..n).filter(|&i| !capped[i]).count();
+        let open: Vec<usize> = (0..n).filter(|&i| !capped[i]).collect();
         let mut changed = false;
-        let open_heads: Vec<usize> = (0..n).filter(|&i| !capped[i]).collect();
-        for i in open_heads {
+        for &i in &open {
             share[i] = match free > 0.0 {
                 true => left * weights[i].max(0.0) / free,
-                false => left / open as f64,
+                false => left / open.len() as f64,
             };
             if share[i] >= caps[i] as f64 {
                 share[i] = caps[i] as f64;

@@ -25,12 +25,9 @@ fn solve_sub(g: &[f64], t: usize, h: &[f64], idx: &[usize]) -> Option<Vec<f64>> 
     // A relative jitter keeps Cholesky alive on nearly dependent columns (the Gram matrices of
     // softmax rows are often numerically singular).
     let jitter = 1e-12 * idx.iter().map(|&i| g[i * t + i]).fold(0f64, f64::max);
-    let a = Mat::<f64>::from_fn(p, p, |i, j| {
-        g[idx[i] * t + idx[j]] + if i == j { jitter } else { 0.0 }
-    });
+    let a = Mat::<f64>::from_fn(p, p, |i, j| g[idx[i] * t + idx[j]]);
     let rhs = Mat::<f64>::from_fn(p, 1, |i, _| h[idx[i]]);
-    let llt = a.llt(Side::Lower).ok()?;
-    let x = llt.solve(&rhs);
+    let x = cholesky_solve(a.as_ref(), rhs.as_ref(), jitter)?;
     Some((0..p).map(|i| x[(i, 0)]).collect())
 }
 
@@ -226,6 +223,21 @@ pub fn box_lstsq(
     })
 }
 
+/// Mean of the diagonal of a square matrix (the scale ridges are relative to).
+pub fn mean_diag(g: MatRef<f64>) -> f64 {
+    let t = g.nrows();
+    (0..t).map(|i| g[(i, i)]).sum::<f64>() / t.max(1) as f64
+}
+
+/// Solves `(G + lambda I) X = B` by Cholesky; None when that is not positive definite.
+pub fn cholesky_solve(g: MatRef<f64>, b: MatRef<f64>, lambda: f64) -> Option<Mat<f64>> {
+    let mut a = g.to_owned();
+    for i in 0..a.nrows() {
+        a[(i, i)] += lambda;
+    }
+    Some(a.llt(Side::Lower).ok()?.solve(b))
+}
+
 /// The normal equations of `min ||P X - Y||^2`: `G = PᵀP`, `B = PᵀY` and `||Y||^2`. Built once
 /// and solved for several ridges (the held-out choice), and added over row subsets.
 struct NormalEq {
@@ -272,22 +284,16 @@ impl NormalEq {
 
     /// `X` for `ridge` relative to the mean diagonal of `G`, pulled towards `anchor`.
     fn solve(&self, ridge: f64, anchor: Option<MatRef<f64>>) -> Result<Mat<f64>> {
-        let t = self.gram.nrows();
-        let lambda = ridge * (0..t).map(|i| self.gram[(i, i)]).sum::<f64>() / t.max(1) as f64;
-        let mut g = self.gram.clone();
-        for i in 0..t {
-            g[(i, i)] += lambda;
-        }
+        let lambda = ridge * mean_diag(self.gram.as_ref());
         let mut rhs = self.rhs.clone();
         if let Some(a) = anchor {
             rhs += Scale(lambda) * a;
         }
-        let llt = g.llt(Side::Lower).map_err(|_| {
+        cholesky_solve(self.gram.as_ref(), rhs.as_ref(), lambda).ok_or_else(|| {
             Error::invalid(
                 "ridge_lstsq: P^T P + lambda I is not positive definite; raise the ridge",
             )
-        })?;
-        Ok(llt.solve(&rhs))
+        })
     }
 
     /// `||P X - Y||^2 = tr(XᵀGX) - 2 tr(XᵀB) + ||Y||^2`, without touching the rows again.
