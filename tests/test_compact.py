@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,9 @@ def test_malformed_budget_file_and_empty_cache(session: Session, tmp_path: Path)
         session.compact(head_budgets=bad, recent=16)
 
 
-def test_self_study_queries_leave_no_trace_and_compact(session: Session) -> None:
+def test_self_study_queries_leave_no_trace_and_compact(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = prefilled(session)
     logits = session.engine.last_logits()
     prompt = session.encode(" Question: what did the keeper do?")
@@ -232,6 +235,18 @@ def test_self_study_queries_leave_no_trace_and_compact(session: Session) -> None
     np.testing.assert_array_equal(session.engine.last_logits(), logits)
     study = session.compact(ratio=4, recent=16, queries="self-study")
     assert study.query_tokens > 3 * 10, "three prompts with their answers"
+    # Generating the turns counts as making the reference queries.
+    session.reset()
+    prefilled(session)
+    slow_turns = session._self_study_ids
+
+    def slow(seed: int) -> list[int]:
+        time.sleep(0.3)
+        return slow_turns(seed)
+
+    monkeypatch.setattr(session, "_self_study_ids", slow)
+    assert session.compact(ratio=4, recent=16, queries="self-study").seconds_queries >= 0.3
+    monkeypatch.undo()
     session.reset()
     prefilled(session)
     both = session.compact(ratio=4, recent=16, queries="repeat+self-study")
