@@ -10,8 +10,8 @@
 #      records NEEDED libcuda.so.1 and loads the real driver on a GPU machine. Never ship it.
 #   3. `maturin build --release --features cuda` for compute capability $CUDA_COMPUTE_CAP
 #      (default 90: H100/H200), auditwheel skipped (the CUDA libraries are found at run time).
-# Output: target/wheels/kvfast-*-cp310-abi3-*.whl   (~10 MB). Takes ~15 min on 2 cores the
-# first time (candle-kernels' nvcc builds dominate); later builds reuse target/.
+# Output: target/wheels-cuda/kvfast-*-cp310-abi3-*.whl   (~10 MB). Takes ~15 min on 2 cores the
+# first time (candle-kernels' nvcc builds dominate); later builds reuse $KVFAST_CUDA_DIR/target.
 #
 # Usage: bash scripts/build_cuda_wheel.sh [--check]   (--check: `cargo build --features cuda`
 # only, no wheel: what CI runs to keep the feature compiling)
@@ -60,12 +60,17 @@ ln -sf stubs/libcuda.so.1 "$LIB/libcuda.so"
 export LIBRARY_PATH="$LIB:$STUB_DIR${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LIB -L native=$STUB_DIR"
 
+# A target dir of its own, outside the clone by default, so a clean clone (CI) reuses the
+# candle-kernels build (~8-15 min on 2 cores) and only recompiles kvfast; the cuda feature
+# changes candle's features, and sharing target/ with the CPU builds would rebuild one or the
+# other each time. --check and the wheel use the same (release) profile, so they share it too.
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$CUDA_DIR/target}
 nvcc --version | tail -n 2
 if [ "${1:-}" = "--check" ]; then
-  cargo build --features cuda --lib --target-dir "${CUDA_TARGET_DIR:-target/cuda}"
+  cargo build --locked --release --features cuda --lib
   echo "cuda feature builds"
   exit 0
 fi
 "$PY" -m pip install -q "maturin>=1.9.4,<2"
-"$PY" -m maturin build --release --features cuda --auditwheel skip -o target/wheels
-ls -lh target/wheels/*.whl
+"$PY" -m maturin build --locked --release --features cuda --auditwheel skip -o target/wheels-cuda
+ls -lh target/wheels-cuda/*.whl

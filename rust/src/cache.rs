@@ -14,6 +14,15 @@
 //! appending a token is amortised O(1): rows are written in place with `slice_set` and only a
 //! capacity doubling copies the head.
 //!
+//! Packed layers: until compaction rewrites one of its heads, a layer's heads are views into
+//! one `[n_kv, capacity, head_dim]` pair of buffers, all of the same length. A token is then
+//! appended with one copy per buffer instead of one per head, and attention runs as one batched
+//! GEMM over the heads ([`LayerCache::packed`]) instead of a loop of small ones: on a GPU,
+//! where every candle op is a kernel launch, that is most of a decode step's launches. The
+//! first `replace_head` turns the layer ragged (each head its own buffers, as above); the
+//! other heads keep their views, which no one else writes. `KVFAST_PACKED_CACHE=0` turns
+//! packing off (to measure it).
+//!
 //! `next_position` is the RoPE position of the next appended token. It counts tokens *seen*,
 //! not keys kept: after compaction new tokens continue from the original context length.
 
@@ -116,6 +125,58 @@ impl HeadCache {
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     pub heads: Vec<HeadCache>,
+    /// `[n_kv, capacity, head_dim]` keys and values whose rows `h` the heads view, while the
+    /// layer is packed (see the module docs); `None` once ragged.
+    packed: Option<(Tensor, Tensor)>,
+    /// Whether the layer may (still) be packed: packing is on and no head was replaced.
+    packable: bool,
+}
+
+impl LayerCache {
+    /// Keys and values `[n_kv, len, head_dim]` (strided views, no copy) when every head is a
+    /// view of the layer's packed buffers: all heads then have the same length and no bias.
+    pub fn packed(&self) -> Option<(Tensor, Tensor)> {
+        let (k, v) = self.packed.as_ref()?;
+        let len = self.heads.first()?.len;
+        Some((k.narrow(1, 0, len).ok()?, v.narrow(1, 0, len).ok()?))
+    }
+
+    /// Appends `k`, `v` `[n_kv, t, head_dim]` (contiguous) to every head of a packed layer.
+    fn append_packed(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let t = k.dim(1)?;
+        let len = self.heads.first().map_or(0, |h| h.len);
+        let cap = self.heads.first().map_or(0, HeadCache::capacity);
+        if self.packed.is_none() || len + t > cap {
+            let (n_kv, d) = (k.dim(0)?, k.dim(2)?);
+            let cap = (len + t).max(2 * cap).max(MIN_CAPACITY);
+            let (dtype, device) = (k.dtype(), k.device());
+            let nk = Tensor::zeros((n_kv, cap, d), dtype, device)?;
+            let nv = Tensor::zeros((n_kv, cap, d), dtype, device)?;
+            if len > 0 {
+                let (ok, ov) = self.packed().expect("a packed layer with keys has buffers");
+                nk.slice_set(&ok.contiguous()?, 1, 0)?;
+                nv.slice_set(&ov.contiguous()?, 1, 0)?;
+            }
+            for (h, head) in self.heads.iter_mut().enumerate() {
+                head.k = nk.get(h)?;
+                head.v = nv.get(h)?;
+                head.bias = Tensor::zeros(cap, DType::F32, device)?;
+            }
+            self.packed = Some((nk, nv));
+        }
+        let (pk, pv) = self.packed.as_ref().expect("allocated above");
+        pk.slice_set(k, 1, len)?;
+        pv.slice_set(v, 1, len)?;
+        for head in &mut self.heads {
+            head.len += t;
+        }
+        Ok(())
+    }
+}
+
+/// Whether new layers are packed (`KVFAST_PACKED_CACHE=0` turns it off, for measurements).
+fn packing_enabled() -> bool {
+    std::env::var("KVFAST_PACKED_CACHE").map_or(true, |v| v != "0")
 }
 
 #[derive(Debug, Clone)]
@@ -135,12 +196,17 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let packable = packing_enabled();
         let layers = (0..n_layers)
             .map(|_| {
                 let heads = (0..n_kv_heads)
                     .map(|_| HeadCache::empty(head_dim, dtype, device))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(LayerCache { heads })
+                Ok(LayerCache {
+                    heads,
+                    packed: None,
+                    packable,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -188,7 +254,11 @@ impl KvCache {
 
     /// Appends the new keys/values of one layer: `k`, `v` are `[n_kv_heads, t, head_dim]`.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        for (h, head) in self.layers[layer].heads.iter_mut().enumerate() {
+        let layer = &mut self.layers[layer];
+        if layer.packable {
+            return layer.append_packed(&k.contiguous()?, &v.contiguous()?);
+        }
+        for (h, head) in layer.heads.iter_mut().enumerate() {
             head.append(&k.get(h)?, &v.get(h)?)?;
         }
         Ok(())
@@ -239,7 +309,11 @@ impl KvCache {
             }
         }
         new.len = n;
-        self.layers[layer].heads[head] = new;
+        let layer = &mut self.layers[layer];
+        layer.heads[head] = new;
+        // The other heads keep their views of the packed buffers, which only they write.
+        layer.packed = None;
+        layer.packable = false;
         Ok(())
     }
 

@@ -26,10 +26,21 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// One owned stream for all of kvfast's GPU work. candle's default is CUDA's per-thread default
+/// stream, so work issued from different host threads (our entry points run on pool workers,
+/// compaction reads heads in parallel) lands on different, unordered streams. With one stream
+/// every op is ordered whatever thread issues it; cudarc's cross-stream event tracking is then
+/// pure overhead (an event record per buffer per op), so it is turned off.
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::DeviceUnavailable(format!("cannot open cuda:{ordinal}: {e}")))
+    let device = Device::new_cuda_with_stream(ordinal)
+        .map_err(|e| Error::DeviceUnavailable(format!("cannot open cuda:{ordinal}: {e}")))?;
+    if let Device::Cuda(d) = &device {
+        // SAFETY: all of kvfast's CUDA work goes to this device's one stream, so no buffer is
+        // ever used on another stream (the case event tracking exists for).
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]
