@@ -1,5 +1,5 @@
-"""The `kvfast` command line: `kvfast generate ...`, `kvfast demo`, `kvfast calibrate-budgets ...`
-and `kvfast info ...`."""
+"""The `kvfast` command line: `kvfast generate ...`, `kvfast demo`, `kvfast calibrate-budgets ...`,
+`kvfast eval ...` and `kvfast info ...`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from kvfast import KvfastError, Session, __version__, calibrate, demo
+from kvfast import eval as evaluation
 from kvfast._native import build_features
 from kvfast.compaction import METHODS, QUERY_SOURCES
 
@@ -82,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, default=8.0)
     c.add_argument("--method", default="am", choices=METHODS)
     c.add_argument("--out", type=Path, required=True, help="where to write the profile")
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate compaction: ppl, needle, qa, fidelity, speed; report",
+        description=evaluation.__doc__,
+    )
+    evaluation.add_subcommands(e.add_subparsers(dest="eval_command", required=True))
 
     i = sub.add_parser("info", help="show the model's config, size and memory use")
     _add_model_args(i)
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "demo": _demo,
         "calibrate-budgets": _calibrate,
+        "eval": evaluation.run,
         "info": _info,
     }[args.command]
     try:

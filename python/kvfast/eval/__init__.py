@@ -1,0 +1,75 @@
+"""`kvfast eval SUBCOMMAND` (also `python -m kvfast.eval`): what the model can still do after
+compaction, side by side with other methods at the same memory.
+
+Subcommands: ppl, needle, qa, fidelity, speed (each measures, writes OUT/results.json,
+OUT/results.md and PNG plots, and resumes from an existing OUT/results.json), and report
+(renders results folders into one Markdown and HTML page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from kvfast import KvfastError, Session
+from kvfast.eval import fidelity, needle, peers, ppl, qa, report, speed
+from kvfast.eval.common import Results
+
+MEASURE: dict[str, ModuleType] = {
+    "ppl": ppl,
+    "needle": needle,
+    "qa": qa,
+    "fidelity": fidelity,
+    "speed": speed,
+}
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    for name, mod in MEASURE.items():
+        doc = (mod.__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            help=doc.split("\n")[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_args(p)
+        p.set_defaults(eval_command=name)
+    r = sub.add_parser("report", help=(report.__doc__ or "").split("\n")[0])
+    report.add_args(r)
+    r.set_defaults(eval_command="report")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed `kvfast eval` command; prints where its pages went."""
+    if args.eval_command == "report":
+        md, page = report.render(args)
+        print(f"wrote {md} and {page}")
+        return 0
+    mod = MEASURE[args.eval_command]
+    s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    results = Results(args.out, args.eval_command, args, s)
+    peer = peers.open_peer(args, s.model_path, s.device, s.dtype) if hasattr(args, "peer") else None
+    if peer is None:
+        mod.run(args, s, results)
+    else:
+        mod.run(args, s, results, peer)
+    page = mod.report(args, results)
+    print(page.read_text())
+    print(f"wrote {results.path} and {page}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvfast.eval", description=__doc__)
+    add_subcommands(p.add_subparsers(dest="eval_command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (KvfastError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"kvfast eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,3 @@
+from kvfast.eval import main
+
+raise SystemExit(main())
