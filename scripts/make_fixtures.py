@@ -2,6 +2,7 @@
 
     python scripts/make_fixtures.py                     # qwen3-odd + qwen3-tiny -> tests/fixtures
     python scripts/make_fixtures.py --model /path/to/qwen3-small --out /tmp/golden-small
+    python scripts/make_fixtures.py --families          # llama-odd + qwen2-odd -> tests/fixtures
 
 This script IS the reference. The tests (`tests/test_parity.py`) compare kvfast against the files
 it writes, with numpy only, so the test suite needs neither torch nor transformers; install them
@@ -20,6 +21,14 @@ seeded (`torch.manual_seed(1234)`), 252,544 float32 parameters (~1 MB):
   `model-00001-of-00002.safetensors`, `model-00002-of-00002.safetensors`,
   `model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map"}), `config.json`.
   No tokenizer.
+
+`tests/fixtures/models/{llama,qwen2}-odd/` (`--families`): random-weight models of the other two
+families kvfast loads, single-file `model.safetensors` + `config.json`, seeded
+(`torch.manual_seed(4321)`), initialised like qwen3-odd (q/k/v biases ~ 0.1 N(0, 1)):
+  llama-odd: vocab 512, hidden 96, 2 layers, 4 query heads x head_dim 32, 2 KV heads, FFN 160,
+             TIED embeddings (as SmolLM2), no biases, no QK-norm, rope_theta 10000.
+  qwen2-odd: vocab 512, hidden 96, 2 layers, 3 query heads x head_dim 32, 1 KV head, FFN 160,
+             untied, q/k/v biases (Qwen2 always has them; o_proj none), no QK-norm.
 
 `<out>/<name>.npz` for each model (np.savez_compressed), from `Qwen3ForCausalLM` with
 `attn_implementation="eager"`, `torch.set_num_threads(2)`, on CPU:
@@ -149,6 +158,63 @@ def make_odd_model(out: Path) -> None:
     (out / "config.json").write_text(json.dumps(ODD_CONFIG, indent=2) + "\n")
 
 
+FAMILY_CONFIGS = {
+    "llama-odd": transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "qwen2-odd": transformers.Qwen2Config(
+        vocab_size=512,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+
+
+def make_family_model(name: str, out: Path) -> None:
+    """A seeded random Llama / Qwen2 checkpoint: one safetensors file and its config."""
+    torch.manual_seed(4321)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]).float()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif pname.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.02 * torch.randn_like(p))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in out.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()  # generation_config.json: not part of the fixture
+        else:
+            f.chmod(0o644)
+
+
 def prompt_ids(model_dir: Path, vocab: int) -> list[int]:
     """The first T ids of PROMPT with the model's tokenizer, else seeded random ids."""
     tok = model_dir / "tokenizer.json"
@@ -162,7 +228,7 @@ def prompt_ids(model_dir: Path, vocab: int) -> list[int]:
 
 
 def load(model_dir: Path, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    model, info = transformers.Qwen3ForCausalLM.from_pretrained(
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation="eager", output_loading_info=True
     )
     bad = {k: v for k, v in info.items() if v}  # missing / unexpected / mismatched / errors
@@ -231,10 +297,19 @@ def main() -> None:
     p.add_argument("--name", help="fixture name for --model (default: the folder name)")
     p.add_argument("--out", type=Path, default=FIXTURES / "golden", help="npz output folder")
     p.add_argument("--no-bf16", action="store_true", help="skip logits_bf16")
+    p.add_argument("--families", action="store_true", help="write llama-odd and qwen2-odd")
     args = p.parse_args()
     torch.set_num_threads(2)
+    transformers.utils.logging.disable_progress_bar()
 
-    if args.model:
+    if args.families:
+        jobs = []
+        for name in FAMILY_CONFIGS:
+            d = FIXTURES / "models" / name
+            make_family_model(name, d)
+            print(f"{d}: {sorted(f.name for f in d.iterdir())}")
+            jobs.append((name, d))
+    elif args.model:
         jobs = [(args.name or args.model.name, args.model)]
     else:
         make_odd_model(ODD_DIR)

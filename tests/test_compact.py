@@ -281,3 +281,17 @@ def test_inspection_apis_show_the_cache_and_leave_it_unchanged(session: Session)
         session.engine.head_cache(99, 0)
     with pytest.raises(ValueError, match="no token ids"):
         session.engine.reference_queries([])
+
+
+@pytest.mark.parametrize("family", ["llama-odd", "qwen2-odd"])
+def test_compaction_works_on_the_other_families(family: str) -> None:
+    # No QK-norm (Llama, Qwen2) and q/k/v biases (Qwen2): the reference queries are just the
+    # rotated projections; AM and a baseline compact and decoding continues.
+    s = Session.from_pretrained(Path(__file__).parent / "fixtures" / "models" / family)
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, 512, 300)]
+    for method in ("am", "snapkv"):
+        s.reset()
+        s.prefill(ids[:280], logits=None)
+        r = s.compact(ratio=4, method=method, queries="repeat" if method == "am" else None)
+        assert r.ratio > 3
+        assert np.isfinite(s.score(ids[280:])).all()

@@ -24,6 +24,9 @@ EMBEDDED = Path(__file__).parents[1] / "python" / "kvfast" / "data" / "qwen3-tin
 MODELS = {
     "qwen3-tiny": EMBEDDED,
     "qwen3-odd": FIXTURES / "models" / "qwen3-odd",
+    # The other two families, from safetensors: no QK-norm; Llama tied, Qwen2 with qkv biases.
+    "llama-odd": FIXTURES / "models" / "llama-odd",
+    "qwen2-odd": FIXTURES / "models" / "qwen2-odd",
 }
 
 

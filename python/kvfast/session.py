@@ -88,7 +88,8 @@ class Session:
         dtype: str | None = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     ) -> Session:
-        """Load a Qwen3 checkpoint: None (embedded qwen3-tiny), a directory, or a hub id.
+        """Load a Qwen3, Qwen2 or Llama checkpoint: None (embedded qwen3-tiny), a directory, or a
+        hub id.
 
         `device` ("cpu", "cuda", "cuda:N", "metal") and `dtype` ("f32", "f16", "bf16"; None
         for the engine's default) are checked by the engine. `tokenizer` is a Tokenizer, a

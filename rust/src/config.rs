@@ -1,5 +1,9 @@
 //! `config.json` -> [`ModelConfig`]. Accepts both shapes seen in the wild: the classic
 //! top-level `rope_theta` (transformers 4) and the newer `rope_parameters` object (transformers 5).
+//!
+//! Three families share one decoder and differ only where this records it: Qwen3 (`qwen3`:
+//! per-head QK-norm, optional attention biases), Qwen2/Qwen2.5 (`qwen2`: q/k/v biases, no
+//! QK-norm) and Llama (`llama`, SmolLM2 among them: no QK-norm, optional attention biases).
 
 use std::path::Path;
 
@@ -23,7 +27,11 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    /// Biases on the q/k/v projections, and on the output projection.
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
     pub eos_token_ids: Vec<u32>,
     /// dtype the checkpoint declares ("bfloat16", ...), if any.
     pub torch_dtype: Option<String>,
@@ -46,6 +54,7 @@ struct Raw {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
     use_sliding_window: Option<bool>,
     eos_token_id: Option<Value>,
     torch_dtype: Option<String>,
@@ -75,14 +84,25 @@ impl ModelConfig {
         let model_type = value
             .get("model_type")
             .and_then(Value::as_str)
-            .unwrap_or("");
-        if model_type != "qwen3" {
+            .unwrap_or("")
+            .to_string();
+        let model_type = model_type.as_str();
+        if !SUPPORTED.contains(&model_type) {
             return Err(format!(
-                "model_type {model_type:?} is not supported: kvfast loads Qwen3 checkpoints \
-                 (model_type \"qwen3\")"
+                "model_type {model_type:?} is not supported: kvfast loads {} checkpoints",
+                SUPPORTED.map(|t| format!("{t:?}")).join(", ")
             ));
         }
         let raw: Raw = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        if raw.mlp_bias == Some(true) {
+            return Err("mlp_bias=true is not supported".into());
+        }
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        // Qwen2 always has q/k/v biases and none on o_proj; the others follow attention_bias.
+        let (qkv_bias, o_bias) = match model_type {
+            "qwen2" => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
         let rope_theta = rope_theta(&raw)?;
         if raw.use_sliding_window == Some(true) {
             return Err(
@@ -116,7 +136,9 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(32768),
             // transformers' Qwen3Config defaults to untied embeddings.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: raw.attention_bias.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            qk_norm: model_type == "qwen3",
             eos_token_ids: eos_ids(raw.eos_token_id.as_ref()),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
         })
@@ -126,6 +148,9 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 }
+
+/// The `model_type`s kvfast loads.
+pub const SUPPORTED: [&str; 3] = ["qwen3", "qwen2", "llama"];
 
 fn rope_theta(raw: &Raw) -> std::result::Result<f64, String> {
     // transformers 5 moved RoPE settings into `rope_parameters`; older configs keep a top-level
@@ -185,6 +210,22 @@ mod tests {
         assert_eq!(new.rope_theta, 1e6);
         assert_eq!(new.head_dim, 6);
         assert!(!new.tie_word_embeddings);
+    }
+
+    #[test]
+    fn families_differ_in_norms_and_biases() {
+        let body = BASE.replace("\"qwen3\"", "\"{}\"");
+        let cfg = |t: &str| ModelConfig::from_json(&format!("{{{}}}", body.replace("{}", t)));
+        let (q3, q2, ll) = (
+            cfg("qwen3").unwrap(),
+            cfg("qwen2").unwrap(),
+            cfg("llama").unwrap(),
+        );
+        assert!(q3.qk_norm && !q2.qk_norm && !ll.qk_norm);
+        assert_eq!((q2.qkv_bias, q2.o_bias), (true, false));
+        assert_eq!((ll.qkv_bias, ll.o_bias), (false, false));
+        let err = ModelConfig::from_json(&format!("{{{BASE}, \"mlp_bias\": true}}")).unwrap_err();
+        assert!(err.contains("mlp_bias"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Qwen3 decoder: embeddings -> N x [RMSNorm, attention with per-head QK-norm and RoPE over the
-//! kvfast cache, RMSNorm, SwiGLU MLP] -> RMSNorm -> LM head.
+//! kvfast cache, RMSNorm, SwiGLU MLP] -> RMSNorm -> LM head. Llama and Qwen2 are the same
+//! decoder without QK-norm (Qwen2 with q/k/v biases): `ModelConfig` says which.
 //!
 //! Projections that read the same input are fused at load time (q|k|v and gate|up), so a decode
 //! step runs 4 matrix products per layer instead of 7.
@@ -67,8 +68,8 @@ impl Linear {
 struct Layer {
     input_norm: Tensor,
     qkv: Linear,
-    q_norm: Tensor,
-    k_norm: Tensor,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3 only).
+    qk_norm: Option<(Tensor, Tensor)>,
     o_proj: Linear,
     post_norm: Tensor,
     gate_up: Linear,
@@ -114,11 +115,17 @@ impl Qwen3 {
                         (&format!("{a}.v_proj"), kvw),
                     ],
                     h,
-                    cfg.attention_bias,
+                    cfg.qkv_bias,
                 )?,
-                q_norm: w.get(&format!("{a}.q_norm.weight"), &[d])?,
-                k_norm: w.get(&format!("{a}.k_norm.weight"), &[d])?,
-                o_proj: Linear::fused(w, &[(&format!("{a}.o_proj"), h)], qw, cfg.attention_bias)?,
+                qk_norm: if cfg.qk_norm {
+                    Some((
+                        w.get(&format!("{a}.q_norm.weight"), &[d])?,
+                        w.get(&format!("{a}.k_norm.weight"), &[d])?,
+                    ))
+                } else {
+                    None
+                },
+                o_proj: Linear::fused(w, &[(&format!("{a}.o_proj"), h)], qw, cfg.o_bias)?,
                 post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up: Linear::fused(
                     w,
@@ -150,7 +157,8 @@ impl Qwen3 {
             all.push(&lm_head);
         }
         for l in &layers {
-            all.extend([&l.input_norm, &l.q_norm, &l.k_norm, &l.post_norm]);
+            all.extend([&l.input_norm, &l.post_norm]);
+            all.extend(l.qk_norm.iter().flat_map(|(q, k)| [q, k]));
             all.extend(l.qkv.tensors().chain(l.o_proj.tensors()));
             all.extend(l.gate_up.tensors().chain(l.down.tensors()));
         }
@@ -310,8 +318,11 @@ impl Qwen3 {
             .narrow(1, (nh + nkv) * d, nkv * d)?
             .contiguous()?
             .reshape((t, nkv, d))?;
-        let q = to_heads(&rms_norm(&q, &layer.q_norm, eps)?)?;
-        let k = to_heads(&rms_norm(&k, &layer.k_norm, eps)?)?;
+        let (q, k) = match &layer.qk_norm {
+            Some((qn, kn)) => (rms_norm(&q, qn, eps)?, rms_norm(&k, kn, eps)?),
+            None => (q, k),
+        };
+        let (q, k) = (to_heads(&q)?, to_heads(&k)?);
         let q = rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
         let k = rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
         Ok((q, k, to_heads(&v)?))
