@@ -159,3 +159,7 @@ def blas_available() -> bool:
 
 def build_features() -> list[str]:
     """Cargo features compiled in ("cuda", "metal")."""
+
+def gguf_metadata(path: str) -> dict[str, Any]:
+    """A GGUF file's metadata (tokenizer vocabulary, merges, chat template, ...) as Python
+    values; the tensors are not read. Raises FileNotFoundError / ModelLoadError."""

@@ -16,7 +16,8 @@ _PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.jinja"]
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:
-    """The checkpoint directory for `model`: None (embedded qwen3-tiny), a path, or a hub id.
+    """The checkpoint for `model`: None (embedded qwen3-tiny), a directory, a .gguf file, or a
+    hub id.
 
     Raises FileNotFoundError for a missing path, a directory without config.json, or a hub id
     that cannot be found or downloaded; ValueError for a path to a file.
@@ -29,8 +30,10 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
         return path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            raise ValueError(f"{path}: GGUF is not supported yet; pass a safetensors checkpoint")
-        raise ValueError(f"{path} is a file; pass the checkpoint directory that contains it")
+            return path
+        raise ValueError(
+            f"{path} is a file; pass the checkpoint directory that contains it, or a .gguf file"
+        )
     if isinstance(model, str) and _looks_like_hub_id(model):
         return _download(model)
     raise FileNotFoundError(f"model path not found: {path}")

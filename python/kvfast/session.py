@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from kvfast import _native, chat
+from kvfast import _native, chat, gguf
 from kvfast.compaction import (
     METHODS,
     QUERY_SOURCES,
@@ -70,12 +70,20 @@ class Session:
     """One sequence: `prefill` and `generate` append to its cache; `reset` empties it."""
 
     def __init__(
-        self, engine: _native.Engine, model_path: Path, tokenizer: Tokenizer | None
+        self,
+        engine: _native.Engine,
+        model_path: Path,
+        tokenizer: Tokenizer | None,
+        tokenizer_config: dict[str, Any] | None = None,
     ) -> None:
         self._engine = engine
         self._model_path = model_path
         self._tokenizer = tokenizer
-        self._tok_config = _read_json(model_path / "tokenizer_config.json")
+        self._tok_config = (
+            tokenizer_config
+            if tokenizer_config is not None
+            else _read_json(model_path / "tokenizer_config.json")
+        )
         self._template = chat.load_template(model_path, self._tok_config)
         self._eos_token_ids = self._find_eos_ids()
 
@@ -88,8 +96,9 @@ class Session:
         dtype: str | None = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     ) -> Session:
-        """Load a Qwen3, Qwen2 or Llama checkpoint: None (embedded qwen3-tiny), a directory, or a
-        hub id.
+        """Load a Qwen3, Qwen2 or Llama checkpoint: None (embedded qwen3-tiny), a directory, a
+        .gguf file (matrices stay quantized; tokenizer and chat template from its metadata), or
+        a hub id.
 
         `device` ("cpu", "cuda", "cuda:N", "metal") and `dtype` ("f32", "f16", "bf16"; None
         for the engine's default) are checked by the engine. `tokenizer` is a Tokenizer, a
@@ -97,6 +106,15 @@ class Session:
         any, the session works on token ids only.
         """
         path = resolve_model(model)
+        if path.is_file():  # GGUF: tokenizer and chat template come from its metadata
+            engine = _native.Engine(str(path), device=device, dtype=dtype)
+            meta = gguf.read_metadata(path)
+            tok = (
+                _load_tokenizer(tokenizer, path)
+                if tokenizer is not None
+                else gguf.tokenizer_from_metadata(meta)
+            )
+            return cls(engine, path, tok, gguf.tokenizer_config(meta))
         tok = _load_tokenizer(tokenizer, path)
         engine = _native.Engine(str(path), device=device, dtype=dtype)
         return cls(engine, path, tok)

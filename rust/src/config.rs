@@ -32,6 +32,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// RoPE rotates adjacent pairs (llama.cpp's Llama layout, see `gguf`) instead of halves.
+    pub rope_interleaved: bool,
     pub eos_token_ids: Vec<u32>,
     /// dtype the checkpoint declares ("bfloat16", ...), if any.
     pub torch_dtype: Option<String>,
@@ -139,6 +141,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             qk_norm: model_type == "qwen3",
+            rope_interleaved: false,
             eos_token_ids: eos_ids(raw.eos_token_id.as_ref()),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
         })

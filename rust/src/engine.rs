@@ -13,6 +13,7 @@ use crate::compact::pipeline::{
 use crate::config::ModelConfig;
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
+use crate::gguf::GgufWeights;
 use crate::model::qwen3::Qwen3;
 use crate::sample::Sampler;
 use crate::weights::{RandomWeights, Weights};
@@ -68,9 +69,17 @@ impl Engine {
                 path: path.into(),
             });
         }
+        if path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::load_gguf(path, device, requested);
+        }
         if !path.is_dir() {
             return Err(Error::invalid(format!(
-                "{} is a file; expected a checkpoint directory with config.json and *.safetensors",
+                "{} is a file; expected a checkpoint directory with config.json and \
+                 *.safetensors, or a .gguf file",
                 path.display()
             )));
         }
@@ -83,6 +92,18 @@ impl Engine {
             None => weights.stored_dtype().unwrap_or(DType::BF16),
         };
         weights.set_dtype(dtype);
+        let model = crate::threads::install(|| Qwen3::load(&cfg, &weights, dtype, &device))?;
+        Self::from_model(model)
+    }
+
+    /// Loads a GGUF file: matrices stay quantized, the rest is dequantized to `dtype` (f32 by
+    /// default: candle's quantized kernels take f32 activations).
+    fn load_gguf(path: &Path, device: &str, dtype: Option<DType>) -> Result<Self> {
+        let device = parse_device(device)?;
+        let mut weights = GgufWeights::open(path, &device)?;
+        let cfg = weights.config()?;
+        weights.dtype = dtype.unwrap_or(DType::F32);
+        let dtype = weights.dtype;
         let model = crate::threads::install(|| Qwen3::load(&cfg, &weights, dtype, &device))?;
         Self::from_model(model)
     }

@@ -1,6 +1,6 @@
 //! kvfast: Qwen3 inference on candle with a ragged, biased KV cache built for compaction.
 //!
-//! Pipeline: `config` + `weights` (load) -> `model` (forward) -> `cache` + `attention` ->
+//! Pipeline: `config` + `weights` / `gguf` (load) -> `model` (forward) -> `cache` + `attention` ->
 //! `sample` (decode); `engine` ties one model to one sequence; `python` is the PyO3 boundary.
 
 pub mod attention;
@@ -13,6 +13,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod gemv;
+pub mod gguf;
 pub mod model;
 pub mod sample;
 pub mod threads;

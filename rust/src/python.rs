@@ -604,6 +604,48 @@ fn blas_available() -> bool {
     crate::blas::available()
 }
 
+/// The metadata of a GGUF file (tokenizer vocabulary, merges, chat template, ...), as Python
+/// values; tensors are not read.
+#[pyfunction]
+fn gguf_metadata<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let weights = run(py, || {
+        crate::gguf::GgufWeights::open(&path, &candle_core::Device::Cpu)
+    })?;
+    let d = PyDict::new(py);
+    for (k, v) in weights.metadata() {
+        d.set_item(k, gguf_value(py, v)?)?;
+    }
+    Ok(d)
+}
+
+fn gguf_value<'py>(
+    py: Python<'py>,
+    v: &candle_core::quantized::gguf_file::Value,
+) -> PyResult<Bound<'py, PyAny>> {
+    use candle_core::quantized::gguf_file::Value as V;
+    Ok(match v {
+        V::U8(x) => x.into_pyobject(py)?.into_any(),
+        V::I8(x) => x.into_pyobject(py)?.into_any(),
+        V::U16(x) => x.into_pyobject(py)?.into_any(),
+        V::I16(x) => x.into_pyobject(py)?.into_any(),
+        V::U32(x) => x.into_pyobject(py)?.into_any(),
+        V::I32(x) => x.into_pyobject(py)?.into_any(),
+        V::U64(x) => x.into_pyobject(py)?.into_any(),
+        V::I64(x) => x.into_pyobject(py)?.into_any(),
+        V::F32(x) => x.into_pyobject(py)?.into_any(),
+        V::F64(x) => x.into_pyobject(py)?.into_any(),
+        V::Bool(x) => pyo3::types::PyBool::new(py, *x).to_owned().into_any(),
+        V::String(x) => x.into_pyobject(py)?.into_any(),
+        V::Array(xs) => {
+            let items = xs
+                .iter()
+                .map(|x| gguf_value(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            pyo3::types::PyList::new(py, items)?.into_any()
+        }
+    })
+}
+
 #[pyfunction]
 fn cuda_available() -> bool {
     cfg!(feature = "cuda") && crate::device::parse_device("cuda").is_ok()
@@ -649,6 +691,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<TokenStream>()?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(load_blas, m)?)?;
     m.add_function(wrap_pyfunction!(blas_available, m)?)?;
     m.add_function(wrap_pyfunction!(fit_head, m)?)?;

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QMatMul;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -16,6 +17,10 @@ pub trait WeightSource {
     /// A matrix that CPU kernels may keep in a narrower exact storage dtype.
     fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+    /// A matrix kept quantized (GGUF), or None to load it dense with `get_matrix`.
+    fn get_quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<QMatMul>> {
+        Ok(None)
+    }
 }
 
 /// Random weights (normal, std 0.02; norm weights 1) of a given config, for benchmarks of

@@ -196,11 +196,11 @@ class Results:
                     "use another --out"
                 )
             # Resuming may add methods and ratios; anything that changes the cases may not.
-            free = {"methods", "ratios", "budgets", "out", "model"}
+            # Options a newer kvfast added (absent from the old file) do not count either.
+            free = {"methods", "ratios", "budgets", "out", "model", "peer", "peer_presses"}
+            before = old.get("config", {})
             changed = sorted(
-                k
-                for k in config.keys() | old.get("config", {}).keys()
-                if k not in free and config.get(k) != old.get("config", {}).get(k)
+                k for k in config.keys() & before.keys() if k not in free and config[k] != before[k]
             )
             if changed:
                 raise ValueError(

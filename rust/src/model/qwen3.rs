@@ -5,9 +5,10 @@
 //! Projections that read the same input are fused at load time (q|k|v and gate|up), so a decode
 //! step runs 4 matrix products per layer instead of 7.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::ops::rms_norm;
-use candle_nn::rotary_emb::rope;
+use candle_nn::rotary_emb::{rope, rope_i};
 
 use crate::attention::attend;
 use crate::cache::KvCache;
@@ -17,20 +18,63 @@ use crate::gemv;
 use crate::model::rope::Rope;
 use crate::weights::WeightSource;
 
+/// A weight matrix `[out, in]`: dense, or kept quantized (GGUF) as row blocks stacked along the
+/// output dimension (q|k|v), each its own `QMatMul`.
+#[derive(Debug, Clone)]
+enum Mat {
+    Dense(Tensor),
+    Quant(Vec<QMatMul>),
+}
+
 /// `y = x W^T (+ b)` with `W` stored `[out, in]` as in the checkpoint.
 #[derive(Debug, Clone)]
 struct Linear {
-    w: Tensor,
+    w: Mat,
     b: Option<Tensor>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = xwt(x, &self.w)?;
+        let y = match &self.w {
+            Mat::Dense(w) => xwt(x, w)?,
+            Mat::Quant(parts) => {
+                // candle's quantized kernels take f32 activations.
+                let xf = x.to_dtype(DType::F32)?;
+                let ys = parts
+                    .iter()
+                    .map(|q| q.forward(&xf))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let y = if ys.len() == 1 {
+                    ys.into_iter().next().expect("one part")
+                } else {
+                    Tensor::cat(&ys, 1)?
+                };
+                y.to_dtype(x.dtype())?
+            }
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// (parameters, bytes held) of the matrix and bias.
+    fn size(&self) -> (usize, usize) {
+        let (mut n, mut bytes) = match &self.w {
+            Mat::Dense(w) => (w.elem_count(), w.elem_count() * w.dtype().size_in_bytes()),
+            Mat::Quant(parts) => parts.iter().fold((0, 0), |(n, b), q| match q {
+                QMatMul::QTensor(t) => (n + t.shape().elem_count(), b + t.storage_size_in_bytes()),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => (
+                    n + t.elem_count(),
+                    b + t.elem_count() * t.dtype().size_in_bytes(),
+                ),
+            }),
+        };
+        if let Some(b) = &self.b {
+            n += b.elem_count();
+            bytes += b.elem_count() * b.dtype().size_in_bytes();
+        }
+        (n, bytes)
     }
 
     /// Loads `names` (each `[out_i, in]`) and stacks them along the output dimension.
@@ -40,10 +84,24 @@ impl Linear {
         d_in: usize,
         bias: bool,
     ) -> Result<Self> {
-        let ws = names
+        let qs = names
             .iter()
-            .map(|(n, out)| w.get_matrix(&format!("{n}.weight"), &[*out, d_in]))
+            .map(|(n, out)| w.get_quantized(&format!("{n}.weight"), &[*out, d_in]))
             .collect::<Result<Vec<_>>>()?;
+        let mat = if qs.iter().all(Option::is_some) {
+            Mat::Quant(qs.into_iter().flatten().collect())
+        } else {
+            let ws = names
+                .iter()
+                .map(|(n, out)| w.get_matrix(&format!("{n}.weight"), &[*out, d_in]))
+                .collect::<Result<Vec<_>>>()?;
+            let mut ws = ws;
+            Mat::Dense(if ws.len() == 1 {
+                ws.pop().expect("one matrix")
+            } else {
+                Tensor::cat(&ws, 0)?
+            })
+        };
         let b = if bias {
             let bs = names
                 .iter()
@@ -53,14 +111,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self {
-            w: Tensor::cat(&ws, 0)?,
-            b,
-        })
-    }
-
-    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        std::iter::once(&self.w).chain(self.b.as_ref())
+        Ok(Self { w: mat, b })
     }
 }
 
@@ -79,10 +130,11 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub struct Qwen3 {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    /// The embedding matrix `[vocab, hidden]` (looked up by rows; kept quantized for GGUF).
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -99,7 +151,7 @@ impl Qwen3 {
     ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (qw, kvw) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = Linear::fused(w, &[("model.embed_tokens", cfg.vocab_size)], h, false)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -150,23 +202,28 @@ impl Qwen3 {
         let lm_head = if tied {
             embed.clone()
         } else {
-            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
+            Linear::fused(w, &[("lm_head", cfg.vocab_size)], h, false)?
         };
-        let mut all: Vec<&Tensor> = vec![&embed, &norm];
+        let mut dense: Vec<&Tensor> = vec![&norm];
+        let mut linears: Vec<&Linear> = vec![&embed];
         if !tied {
-            all.push(&lm_head);
+            linears.push(&lm_head);
         }
         for l in &layers {
-            all.extend([&l.input_norm, &l.post_norm]);
-            all.extend(l.qk_norm.iter().flat_map(|(q, k)| [q, k]));
-            all.extend(l.qkv.tensors().chain(l.o_proj.tensors()));
-            all.extend(l.gate_up.tensors().chain(l.down.tensors()));
+            dense.extend([&l.input_norm, &l.post_norm]);
+            dense.extend(l.qk_norm.iter().flat_map(|(q, k)| [q, k]));
+            linears.extend([&l.qkv, &l.o_proj, &l.gate_up, &l.down]);
         }
-        let params = all.iter().map(|t| t.elem_count()).sum();
-        let weight_bytes = all
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
+        let (mut params, mut weight_bytes) = (0, 0);
+        for t in dense {
+            params += t.elem_count();
+            weight_bytes += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        for l in linears {
+            let (n, b) = l.size();
+            params += n;
+            weight_bytes += b;
+        }
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -244,7 +301,11 @@ impl Qwen3 {
     /// start at `start`.
     fn embed_tokens(&self, ids: &[u32], start: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let idx = Tensor::new(ids, &self.device)?;
-        let x = self.embed.index_select(&idx, 0)?.to_dtype(self.dtype)?;
+        let x = match &self.embed.w {
+            Mat::Dense(t) => t.index_select(&idx, 0)?,
+            Mat::Quant(parts) => parts[0].embedding(&idx)?,
+        };
+        let x = x.to_dtype(self.dtype)?;
         let (cos, sin) = self
             .rope
             .tables(start, ids.len(), self.dtype, &self.device)?;
@@ -323,8 +384,9 @@ impl Qwen3 {
             None => (q, k),
         };
         let (q, k) = (to_heads(&q)?, to_heads(&k)?);
-        let q = rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-        let k = rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let rot = if c.rope_interleaved { rope_i } else { rope };
+        let q = rot(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let k = rot(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
         Ok((q, k, to_heads(&v)?))
     }
 
@@ -358,7 +420,7 @@ impl Qwen3 {
 
     /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(xwt(hidden, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 }
 
