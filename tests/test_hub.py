@@ -45,12 +45,11 @@ def test_directory_without_config_names_the_file(no_network: None, tmp_path: Pat
         resolve_model(tmp_path)
 
 
-def test_files_are_not_checkpoints(no_network: None, tmp_path: Path) -> None:
+def test_files_are_checkpoints_only_when_gguf(no_network: None, tmp_path: Path) -> None:
     gguf = tmp_path / "model.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match="GGUF is not supported yet"):
-        resolve_model(gguf)
-    with pytest.raises(ValueError, match="directory"):
+    assert resolve_model(gguf) == gguf  # the engine reads (and checks) the file
+    with pytest.raises(ValueError, match="directory.*or a .gguf file"):
         resolve_model(EMBEDDED / "config.json")
 
 
