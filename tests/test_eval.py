@@ -20,15 +20,7 @@ from kvfast.eval.qa import exact_match, f1, normalize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RUN_KEYS = {
-    "subcommand",
-    "kvfast",
-    "command",
-    "config",
-    "model",
-    "model_hash",
-    "device",
-    "dtype",
-    "rows",
+    *"subcommand kvfast command config model model_hash device dtype rows".split(),
 }
 
 
@@ -64,17 +56,9 @@ def test_method_specs_parse_options_and_reject_typos() -> None:
 
 def test_ppl_full_equals_session_score_and_compaction_holds_fewer_bytes(out: Path) -> None:
     args = (
-        "ppl",
-        "--methods",
-        "full,streaming",
-        "--ratios",
-        "4",
-        "--context",
-        "256",
-        "--continuation",
-        "32",
-        "--windows",
-        "2",
+        *(
+            "ppl --methods full,streaming --ratios 4 --context 256 --continuation 32 --windows 2"
+        ).split(),
     )
     data = run(out / "ppl", *args)
     r = rows(data)
@@ -95,19 +79,7 @@ def test_ppl_full_equals_session_score_and_compaction_holds_fewer_bytes(out: Pat
 
 def test_a_rerun_resumes_and_measures_only_new_cells(out: Path) -> None:
     folder = out / "resume"
-    args = (
-        "ppl",
-        "--methods",
-        "full",
-        "--ratios",
-        "4",
-        "--context",
-        "128",
-        "--continuation",
-        "16",
-        "--windows",
-        "1",
-    )
+    args = (*"ppl --methods full --ratios 4 --context 128 --continuation 16 --windows 1".split(),)
     run(folder, *args)
     data = json.loads((folder / "results.json").read_text())
     data["rows"][0]["ppl"] = -1.0  # a marker: a resumed run must not measure "full" again
@@ -123,15 +95,7 @@ def test_a_folder_of_another_run_is_refused(out: Path, model_copy: Path) -> None
     folder = out / "other"
     run(
         folder,
-        "ppl",
-        "--methods",
-        "full",
-        "--context",
-        "128",
-        "--continuation",
-        "16",
-        "--windows",
-        "1",
+        *"ppl --methods full --context 128 --continuation 16 --windows 1".split(),
     )
     (model_copy / "config.json").write_text(
         (model_copy / "config.json")
@@ -143,13 +107,7 @@ def test_a_folder_of_another_run_is_refused(out: Path, model_copy: Path) -> None
             "ppl",
             "--model",
             str(model_copy),
-            "--methods",
-            "full",
-            "--context",
-            "128",
-            "--continuation",
-            "16",
-            "--out",
+            *"--methods full --context 128 --continuation 16 --out".split(),
             str(folder),
         ]
     )
@@ -173,19 +131,10 @@ def test_needle_cases_hide_every_needle_and_the_run_scores_them(out: Path) -> No
     assert len(cases[2]["answers"]) == 3
     data = run(
         out / "needle",
-        "needle",
-        "--methods",
-        "full,streaming",
-        "--ratios",
-        "4",
-        "--lengths",
-        "512",
-        "--depths",
-        "0.5",
-        "--tasks",
-        "single,multikey,multivalue",
-        "--cases",
-        "1",
+        *(
+            "needle --methods full,streaming --ratios 4 --lengths "
+            "512 --depths 0.5 --tasks single,multikey,multivalue --cases 1"
+        ).split(),
     )
     r = rows(data)
     for row in r.values():
@@ -209,12 +158,7 @@ def test_full_cache_retrieves_needles_on_qwen3_small(out: Path) -> None:
         "full",
         "--haystack",
         str(essays),
-        "--lengths",
-        "2048",
-        "--depths",
-        "0.25,0.75",
-        "--cases",
-        "2",
+        *"--lengths 2048 --depths 0.25,0.75 --cases 2".split(),
     )
     assert rows(data)["full"]["accuracy"] > 0
 
@@ -222,17 +166,10 @@ def test_full_cache_retrieves_needles_on_qwen3_small(out: Path) -> None:
 def test_fidelity_is_zero_for_the_full_cache_and_not_for_compaction(out: Path) -> None:
     data = run(
         out / "fidelity",
-        "fidelity",
-        "--methods",
-        "full,am:queries=repeat,streaming",
-        "--ratios",
-        "4",
-        "--context",
-        "256",
-        "--heldout",
-        "16",
-        "--windows",
-        "1",
+        *(
+            "fidelity --methods full,am:queries=repeat,streaming --ratios 4 "
+            "--context 256 --heldout 16 --windows 1"
+        ).split(),
     )
     r = rows(data)
     full = r["full"]
@@ -256,17 +193,10 @@ def test_qa_scoring_follows_squad() -> None:
 def test_qa_runs_agnostic_and_task_guided(out: Path) -> None:
     data = run(
         out / "qa",
-        "qa",
-        "--methods",
-        "full,am:queries=repeat,streaming",
-        "--ratios",
-        "4",
-        "--mode",
-        "both",
-        "--cases",
-        "2",
-        "--length",
-        "256",
+        *(
+            "qa --methods full,am:queries=repeat,streaming --ratios 4 "
+            "--mode both --cases 2 --length 256"
+        ).split(),
     )
     r = rows(data)
     assert set(r) == {
@@ -283,15 +213,7 @@ def test_qa_runs_agnostic_and_task_guided(out: Path) -> None:
 def test_speed_times_prefill_decode_and_compaction(out: Path) -> None:
     data = run(
         out / "speed",
-        "speed",
-        "--methods",
-        "full,streaming",
-        "--ratios",
-        "4",
-        "--lengths",
-        "128,256",
-        "--decode",
-        "4",
+        *"speed --methods full,streaming --ratios 4 --lengths 128,256 --decode 4".split(),
     )
     r = rows(data)
     assert set(r) == {"full @128", "full @256", "streaming@4x @128", "streaming@4x @256"}
@@ -352,17 +274,7 @@ def test_peer_rows_sit_beside_kvfast_rows(out: Path, monkeypatch: pytest.MonkeyP
     peer = ("--peer", "kvpress", "--peer-presses", "snapkv,tova")
     n = run(
         out / "needle-peer",
-        "needle",
-        "--methods",
-        "full",
-        "--ratios",
-        "4",
-        "--lengths",
-        "256",
-        "--depths",
-        "0.5",
-        "--cases",
-        "1",
+        *"needle --methods full --ratios 4 --lengths 256 --depths 0.5 --cases 1".split(),
         *peer,
     )
     r = rows(n)
@@ -371,17 +283,7 @@ def test_peer_rows_sit_beside_kvfast_rows(out: Path, monkeypatch: pytest.MonkeyP
     assert r["fake:tova@4x"]["kv_bytes"] > 0
     p = run(
         out / "ppl-peer",
-        "ppl",
-        "--methods",
-        "full",
-        "--ratios",
-        "4",
-        "--context",
-        "128",
-        "--continuation",
-        "16",
-        "--windows",
-        "1",
+        *"ppl --methods full --ratios 4 --context 128 --continuation 16 --windows 1".split(),
         *peer,
     )
     r = rows(p)
@@ -389,15 +291,7 @@ def test_peer_rows_sit_beside_kvfast_rows(out: Path, monkeypatch: pytest.MonkeyP
     assert r["fake:snapkv@4x"]["kv_bytes"] == 100 * 128
     q = run(
         out / "qa-peer",
-        "qa",
-        "--methods",
-        "full",
-        "--ratios",
-        "4",
-        "--cases",
-        "1",
-        "--length",
-        "256",
+        *"qa --methods full --ratios 4 --cases 1 --length 256".split(),
         *peer,
     )
     assert rows(q)["fake:snapkv@4x [agnostic]"]["f1"] == 0
@@ -407,18 +301,9 @@ def test_peer_kvpress_names_what_it_needs(out: Path, capsys: pytest.CaptureFixtu
     import importlib.util
 
     args = [
-        "ppl",
-        "--peer",
-        "kvpress",
-        "--methods",
-        "full",
-        "--context",
-        "128",
-        "--continuation",
-        "16",
-        "--windows",
-        "1",
-        "--out",
+        *(
+            "ppl --peer kvpress --methods full --context 128 --continuation 16 --windows 1 --out"
+        ).split(),
         str(out / "kvpress"),
     ]
     assert eval_main([*args, "--peer-presses", "snapkv,nope"]) == 2

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 from kvfast import Session, _native
-from test_parity import MODELS, golden, ids_of
+from test_parity import MODELS, check_bf16_logits, check_f32_logits, golden, ids_of
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("KVFAST_GPU_DEVICE", "cuda")
@@ -38,24 +38,12 @@ def test_this_build_opens_the_gpu() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_f32_logits_match_transformers_on_gpu(name: str) -> None:
-    g = golden(name)
-    s = Session.from_pretrained(MODELS[name], dtype="f32", device=DEVICE)
-    got = s.prefill(ids_of(g), logits="all")[g["positions"]]
-    err = float(np.abs(got - g["logits_f32"]).max())
-    assert err <= 1e-3, f"{name}: f32 max abs logit error on {DEVICE} {err:.2e} > 1e-3"
+    check_f32_logits(name, DEVICE)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bf16_logits_close_to_transformers_on_gpu(name: str) -> None:
-    g = golden(name)
-    s = Session.from_pretrained(MODELS[name], dtype="bf16", device=DEVICE)
-    got = s.prefill(ids_of(g), logits="all")[g["positions"]]
-    ref = g["logits_bf16"]
-    err = float(np.abs(got - ref).max())
-    tol = 0.02 * float(np.abs(ref).max())
-    assert err <= tol, f"{name}: bf16 max abs logit error on {DEVICE} {err:.3f} > {tol:.3f}"
-    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    assert agree >= 0.8, f"{name}: bf16 argmax agreement {agree:.2f}"
+    check_bf16_logits(name, DEVICE)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

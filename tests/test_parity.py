@@ -40,29 +40,36 @@ def ids_of(g: dict[str, np.ndarray]) -> list[int]:
     return [int(i) for i in g["input_ids"]]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_f32_logits_match_transformers(name: str) -> None:
+def check_f32_logits(name: str, device: str = "cpu") -> None:
     g = golden(name)
-    s = Session.from_pretrained(MODELS[name], dtype="f32")
-    logits = s.prefill(ids_of(g), logits="all")
-    got = logits[g["positions"]]
+    s = Session.from_pretrained(MODELS[name], dtype="f32", device=device)
+    got = s.prefill(ids_of(g), logits="all")[g["positions"]]
     err = float(np.abs(got - g["logits_f32"]).max())
-    assert err <= 1e-3, f"{name}: f32 max abs logit error {err:.2e} > 1e-3"
+    assert err <= 1e-3, f"{name}: f32 max abs logit error on {device} {err:.2e} > 1e-3"
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_bf16_logits_close_to_transformers(name: str) -> None:
+def check_bf16_logits(name: str, device: str = "cpu") -> None:
     g = golden(name)
     assert "logits_bf16" in g, f"{name}: fixture has no bf16 logits"
-    s = Session.from_pretrained(MODELS[name], dtype="bf16")
+    s = Session.from_pretrained(MODELS[name], dtype="bf16", device=device)
     assert s.dtype == "bf16"
     got = s.prefill(ids_of(g), logits="all")[g["positions"]]
     ref = g["logits_bf16"]
     err = float(np.abs(got - ref).max())
     tol = 0.02 * float(np.abs(ref).max())
-    assert err <= tol, f"{name}: bf16 max abs logit error {err:.3f} > {tol:.3f}"
+    assert err <= tol, f"{name}: bf16 max abs logit error on {device} {err:.3f} > {tol:.3f}"
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     assert agree >= 0.8, f"{name}: bf16 argmax agreement {agree:.2f}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_f32_logits_match_transformers(name: str) -> None:
+    check_f32_logits(name)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bf16_logits_close_to_transformers(name: str) -> None:
+    check_bf16_logits(name)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -12,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from kvfast import KvfastError, Session
+from kvfast import Session
 from kvfast.eval import fidelity, needle, peers, ppl, qa, report, speed
 from kvfast.eval.common import Results
 
@@ -51,10 +51,16 @@ def run(args: argparse.Namespace) -> int:
     s = Session.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     results = Results(args.out, args.eval_command, args, s)
     peer = peers.open_peer(args, s.model_path, s.device, s.dtype) if hasattr(args, "peer") else None
-    if peer is None:
-        mod.run(args, s, results)
-    else:
-        mod.run(args, s, results, peer)
+    try:
+        if peer is None:
+            mod.run(args, s, results)
+        else:
+            mod.run(args, s, results, peer)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; rerun the same command to resume from {results.path}", file=sys.stderr
+        )
+        raise
     page = mod.report(args, results)
     print(page.read_text())
     print(f"wrote {results.path} and {page}", file=sys.stderr)
@@ -62,14 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvfast.eval", description=__doc__)
-    add_subcommands(p.add_subparsers(dest="eval_command", required=True))
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (KvfastError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"kvfast eval: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    """`python -m kvfast.eval ...` is `kvfast eval ...`."""
+    from kvfast.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])

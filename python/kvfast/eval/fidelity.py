@@ -20,27 +20,14 @@ from typing import Any
 import numpy as np
 
 from kvfast import Session
-from kvfast.eval.common import (
-    DEFAULT_TEXT,
-    Results,
-    Series,
-    add_common,
-    cell_row,
-    cells,
-    load_text,
-    markdown_table,
-    mib,
-    plot_lines,
-    progress,
-    write_markdown,
-)
+from kvfast.eval import common
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,h2o,streaming,tova,random"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    common.add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
+    p.add_argument("--text", type=Path, default=common.DEFAULT_TEXT)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--heldout", type=int, default=64, help="held-out query tokens per window")
     p.add_argument("--windows", type=int, default=2)
@@ -95,8 +82,8 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
-def run(args: argparse.Namespace, s: Session, results: Results) -> None:
-    ids = s.encode(load_text(args.text))
+def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
+    ids = s.encode(common.load_text(args.text))
     span = args.context + args.heldout
     n = min(len(ids) // span, args.windows, args.limit or args.windows)
     if n < 1:
@@ -115,8 +102,8 @@ def run(args: argparse.Namespace, s: Session, results: Results) -> None:
         logits = s.prefill(held, logits="all")
         assert logits is not None
         refs.append((qs, blocks, logits))
-    todo = [c for c in cells(args) if not results.done(c.key)]
-    for cell in progress(todo, len(todo), "fidelity"):
+    todo = [c for c in common.cells(args) if not results.done(c.key)]
+    for cell in common.progress(todo, len(todo), "fidelity"):
         out_e, mass_e, cos, kls, kv = [], [], [], [], []
         for (ctx, held), (qs, blocks, full_logits) in zip(wins, refs, strict=True):
             s.reset()
@@ -145,7 +132,7 @@ def run(args: argparse.Namespace, s: Session, results: Results) -> None:
             kls.append(_kl(full_logits, comp_logits))
         o, m, c = (np.mean(np.array(x), axis=0) for x in (out_e, mass_e, cos))
         results.add(
-            cell_row(
+            common.cell_row(
                 cell,
                 out_rel_err=float(o.mean()),
                 mass_rel_err=float(m.mean()),
@@ -159,10 +146,10 @@ def run(args: argparse.Namespace, s: Session, results: Results) -> None:
     s.reset()
 
 
-def report(args: argparse.Namespace, results: Results) -> Path:
+def report(args: argparse.Namespace, results: common.Results) -> Path:
     rows: list[list[Any]] = []
-    out_s: Series = {}
-    kl_s: Series = {}
+    out_s: common.Series = {}
+    kl_s: common.Series = {}
     for r in results.rows:
         o = np.array(r["out_rel_err_per_head"])
         worst = np.unravel_index(int(o.argmax()), o.shape) if o.size else None
@@ -175,7 +162,7 @@ def report(args: argparse.Namespace, results: Results) -> Path:
                 r["kl"],
                 r["cosine"],
                 "" if worst is None else f"L{worst[0]}H{worst[1]} {o.max():.3f}",
-                mib(r["kv_bytes"]),
+                common.mib(r["kv_bytes"]),
             ]
         )
         if r["ratio"]:
@@ -191,19 +178,21 @@ def report(args: argparse.Namespace, results: Results) -> Path:
         "worst head",
         "KV MiB held",
     ]
-    body = markdown_table(header, rows)
+    body = common.markdown_table(header, rows)
     body += (
         f"\n\nHeld-out queries: the {args.heldout} tokens after each {args.context}-token "
         "context, computed on the full cache; errors are means over windows, layers and KV "
         "heads (per-head arrays in results.json)."
     )
     plots = [
-        plot_lines(
+        common.plot_lines(
             args.out / "fidelity-output.png",
             "attention output error (held-out)",
             "relative error",
             out_s,
         ),
-        plot_lines(args.out / "fidelity-kl.png", "next-token KL vs full", "KL", kl_s),
+        common.plot_lines(args.out / "fidelity-kl.png", "next-token KL vs full", "KL", kl_s),
     ]
-    return write_markdown(args.out, "Attention fidelity", results, body, [p for p in plots if p])
+    return common.write_markdown(
+        args.out, "Attention fidelity", results, body, [p for p in plots if p]
+    )

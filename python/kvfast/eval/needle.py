@@ -18,22 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvfast import Session
-from kvfast.eval import peers
-from kvfast.eval.common import (
-    DEFAULT_TEXT,
-    Results,
-    Series,
-    add_common,
-    cell_row,
-    cells,
-    load_text,
-    markdown_table,
-    mib,
-    plot_heatmap,
-    plot_lines,
-    progress,
-    write_markdown,
-)
+from kvfast.eval import common, peers
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,h2o,streaming,tova,random"
 TASKS = ("single", "multikey", "multivalue")
@@ -50,9 +35,12 @@ QUESTION_ALL = (
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
+    common.add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
     p.add_argument(
-        "--haystack", type=Path, default=DEFAULT_TEXT, help="text file or PaulGrahamEssays.json"
+        "--haystack",
+        type=Path,
+        default=common.DEFAULT_TEXT,
+        help="text file or PaulGrahamEssays.json",
     )
     p.add_argument("--lengths", default="2048", help="context lengths in tokens")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths (0..1)")
@@ -62,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_cases(s: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
-    hay = s.encode(load_text(args.haystack))
+    hay = s.encode(common.load_text(args.haystack))
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     depths = [float(x) for x in args.depths.split(",") if x.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -130,11 +118,11 @@ def _hit(text: str, answers: list[str]) -> bool:
 
 
 def run(
-    args: argparse.Namespace, s: Session, results: Results, peer: peers.Peer | None = None
+    args: argparse.Namespace, s: Session, results: common.Results, peer: peers.Peer | None = None
 ) -> None:
     cases = make_cases(s, args)
-    todo = [c for c in cells(args) if not results.done(c.key)]
-    for cell in progress(todo, len(todo), "needle"):
+    todo = [c for c in common.cells(args) if not results.done(c.key)]
+    for cell in common.progress(todo, len(todo), "needle"):
         hits, kv, secs = [], [], []
         for c in cases:
             s.reset()
@@ -149,7 +137,7 @@ def run(
                 | {"hit": _hit(out, c["answers"]), "output": out}
             )
         results.add(
-            cell_row(
+            common.cell_row(
                 cell,
                 accuracy=float(np.mean([h["hit"] for h in hits])),
                 by_task={
@@ -167,11 +155,11 @@ def run(
 
 
 def _run_peer(
-    args: argparse.Namespace, cases: list[dict[str, Any]], results: Results, peer: peers.Peer
+    args: argparse.Namespace, cases: list[dict[str, Any]], results: common.Results, peer: peers.Peer
 ) -> None:
     jobs = [(n, r) for n in peers.presses(args) for r in _ratios(args)]
     todo = [(n, r) for n, r in jobs if not results.done(f"{peer.name}:{n}@{r:g}x")]
-    for name, ratio in progress(todo, len(todo), f"needle {peer.name}"):
+    for name, ratio in common.progress(todo, len(todo), f"needle {peer.name}"):
         hits = []
         for c in cases:
             out = peer.generate(name, ratio, c["context"], c["question"], 8 * len(c["answers"]) + 4)
@@ -202,17 +190,17 @@ def _ratios(args: argparse.Namespace) -> list[float]:
     return [float(r) for r in args.ratios.split(",") if r.strip()]
 
 
-def report(args: argparse.Namespace, results: Results) -> Path:
+def report(args: argparse.Namespace, results: common.Results) -> Path:
     full = results.row("full")
     tasks = sorted({t for r in results.rows for t in r["by_task"]})
     rows: list[list[Any]] = []
-    series: Series = {}
+    series: common.Series = {}
     plots: list[str] = []
     for r in results.rows:
         at = f"{r['ratio']:g}x" if r["ratio"] else (r["budget"] or "")
         rows.append(
             [r["method"], at, r["accuracy"], *[r["by_task"].get(t) for t in tasks]]
-            + [mib(r["kv_bytes"]), r["seconds_compact"]]
+            + [common.mib(r["kv_bytes"]), r["seconds_compact"]]
         )
         if r["ratio"]:
             series.setdefault(r["method"], []).append((r["ratio"], r["accuracy"]))
@@ -228,7 +216,7 @@ def report(args: argparse.Namespace, results: Results) -> Path:
             for d in depths
         ]
         name = "needle-" + "".join(ch if ch.isalnum() else "_" for ch in r["key"]) + ".png"
-        p = plot_heatmap(
+        p = common.plot_heatmap(
             args.out / name,
             f"{r['key']}: exact match",
             grid,
@@ -238,19 +226,19 @@ def report(args: argparse.Namespace, results: Results) -> Path:
         if p:
             plots.append(p)
     header = ["method", "ratio / budget", "exact match", *tasks, "KV MiB held", "compact s"]
-    body = markdown_table(header, rows)
+    body = common.markdown_table(header, rows)
     body += (
         f"\n\nHaystack {args.haystack.name}; lengths {args.lengths}, depths {args.depths}, "
         f"{args.cases} case(s) per cell; compaction before the question is seen. kvpress rows "
         "(--peer kvpress) mask dropped keys, so they hold the full cache's bytes."
     )
-    line = plot_lines(
+    line = common.plot_lines(
         args.out / "needle.png",
         "needle retrieval after compaction",
         "exact match",
         series,
         full["accuracy"] if full else None,
     )
-    return write_markdown(
+    return common.write_markdown(
         args.out, "Needle in a haystack", results, body, [line, *plots] if line else plots
     )

@@ -16,28 +16,16 @@ from typing import Any
 import numpy as np
 
 from kvfast import Session
-from kvfast.eval import peers
-from kvfast.eval.common import (
-    DEFAULT_TEXT,
-    Results,
-    Series,
-    add_common,
-    cell_row,
-    cells,
-    load_text,
-    markdown_table,
-    mib,
-    plot_lines,
-    progress,
-    write_markdown,
-)
+from kvfast.eval import common, peers
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,h2o,streaming,tova,random"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file (WikiText-2 test)")
+    common.add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
+    p.add_argument(
+        "--text", type=Path, default=common.DEFAULT_TEXT, help="text file (WikiText-2 test)"
+    )
     p.add_argument("--context", type=int, default=1024, help="tokens prefilled and compacted")
     p.add_argument("--continuation", type=int, default=256, help="tokens scored after them")
     p.add_argument("--windows", type=int, default=4, help="windows (capped by --limit)")
@@ -82,12 +70,12 @@ def sliding_window_nll(s: Session, ids: list[int], window: int, stride: int) -> 
 
 
 def run(
-    args: argparse.Namespace, s: Session, results: Results, peer: peers.Peer | None = None
+    args: argparse.Namespace, s: Session, results: common.Results, peer: peers.Peer | None = None
 ) -> None:
-    ids = s.encode(load_text(args.text))
+    ids = s.encode(common.load_text(args.text))
     wins = windows(ids, args)
-    todo = [c for c in cells(args) if not results.done(c.key)]
-    for cell in progress(todo, len(todo), "ppl"):
+    todo = [c for c in common.cells(args) if not results.done(c.key)]
+    for cell in common.progress(todo, len(todo), "ppl"):
         nll: list[float] = []
         per_window, kv, secs = [], [], []
         for ctx, cont in wins:
@@ -101,7 +89,7 @@ def run(
             nll += scores.tolist()
         mean = float(np.mean(nll))
         results.add(
-            cell_row(
+            common.cell_row(
                 cell,
                 ppl=math.exp(mean),
                 nll=mean,
@@ -131,7 +119,7 @@ def run(
         jobs = [("full", 1.0)] + [(n, r) for n in peers.presses(args) for r in ratios]
         keys = {(n, r): f"{peer.name}:{n}" + ("" if n == "full" else f"@{r:g}x") for n, r in jobs}
         peer_todo = [j for j in jobs if not results.done(keys[j])]
-        for name, ratio in progress(peer_todo, len(peer_todo), f"ppl {peer.name}"):
+        for name, ratio in common.progress(peer_todo, len(peer_todo), f"ppl {peer.name}"):
             nll = [x for ctx, cont in wins for x in peer.nll(name, ratio, ctx, cont)]
             results.add(
                 {
@@ -149,11 +137,11 @@ def run(
             )
 
 
-def report(args: argparse.Namespace, results: Results) -> Path:
+def report(args: argparse.Namespace, results: common.Results) -> Path:
     full = results.row("full")
     base = full["ppl"] if full else None
     rows: list[list[Any]] = []
-    series: Series = {}
+    series: common.Series = {}
     for r in results.rows:
         compacted = r["ratio"] is not None or r["budget"] is not None
         delta = (r["ppl"] / base - 1) if base and compacted else None
@@ -163,13 +151,13 @@ def report(args: argparse.Namespace, results: Results) -> Path:
                 f"{r['ratio']:g}x" if r["ratio"] else (r["budget"] or ""),
                 r["ppl"],
                 "" if delta is None else f"{100 * delta:+.1f}%",
-                mib(r.get("kv_bytes")),
+                common.mib(r.get("kv_bytes")),
                 r.get("seconds_compact"),
             ]
         )
         if r["ratio"]:
             series.setdefault(r["method"], []).append((r["ratio"], r["ppl"]))
-    body = markdown_table(
+    body = common.markdown_table(
         ["method", "ratio / budget", "PPL", "vs full", "KV MiB held", "compact s"], rows
     )
     body += (
@@ -177,5 +165,7 @@ def report(args: argparse.Namespace, results: Results) -> Path:
         "tokens; KV MiB is what the compacted cache really holds (mean over windows; kvpress "
         "rows mask dropped keys and hold the full cache)."
     )
-    plot = plot_lines(args.out / "ppl.png", "perplexity after compaction", "PPL", series, base)
-    return write_markdown(args.out, "Perplexity", results, body, [plot] if plot else [])
+    plot = common.plot_lines(
+        args.out / "ppl.png", "perplexity after compaction", "PPL", series, base
+    )
+    return common.write_markdown(args.out, "Perplexity", results, body, [plot] if plot else [])

@@ -23,20 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvfast import Session
-from kvfast.eval import peers
-from kvfast.eval.common import (
-    DATA,
-    Results,
-    Series,
-    add_common,
-    cell_row,
-    cells,
-    markdown_table,
-    mib,
-    plot_lines,
-    progress,
-    write_markdown,
-)
+from kvfast.eval import common, peers
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,h2o,streaming,tova,random"
 HEADER = (
@@ -50,9 +37,9 @@ QUESTION = (
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
+    common.add_common(p, DEFAULT_METHODS, "2,4,8,16,32,64")
     p.add_argument(
-        "--data", type=Path, default=DATA / "squad-sample.json", help="SQuAD-format JSON"
+        "--data", type=Path, default=common.DATA / "squad-sample.json", help="SQuAD-format JSON"
     )
     p.add_argument("--length", type=int, default=1024, help="tokens of documents per case")
     p.add_argument("--mode", choices=("agnostic", "task", "both"), default="agnostic")
@@ -142,19 +129,19 @@ def f1(pred: str, answers: list[str]) -> float:
 
 
 def run(
-    args: argparse.Namespace, s: Session, results: Results, peer: peers.Peer | None = None
+    args: argparse.Namespace, s: Session, results: common.Results, peer: peers.Peer | None = None
 ) -> None:
     cases = make_cases(s, args)
     modes = ["agnostic", "task"] if args.mode == "both" else [args.mode]
     # Task guidance exists for Attention Matching only; the other methods are query-agnostic.
     jobs = [
         (c, m)
-        for c in cells(args)
+        for c in common.cells(args)
         for m in modes
         if m == "agnostic" or c.spec.method in ("am", "am-omp")
     ]
     todo = [(c, m) for c, m in jobs if not results.done(_key(c.key, m, c.spec.is_full))]
-    for cell, mode in progress(todo, len(todo), "qa"):
+    for cell, mode in common.progress(todo, len(todo), "qa"):
         em, f, kv, secs, outs = [], [], [], [], []
         for c in cases:
             s.reset()
@@ -168,7 +155,7 @@ def run(
             em.append(exact_match(out, c["answers"]))
             f.append(f1(out, c["answers"]))
             outs.append({"question": c["question"], "answers": c["answers"], "output": out})
-        row = cell_row(
+        row = common.cell_row(
             cell,
             mode=mode,
             exact_match=float(np.mean(em)),
@@ -188,7 +175,7 @@ def _run_peer(
     args: argparse.Namespace,
     s: Session,
     cases: list[dict[str, Any]],
-    results: Results,
+    results: common.Results,
     peer: peers.Peer,
 ) -> None:
     """The presses compress the documents before the question (query-agnostic, as kvfast's
@@ -196,7 +183,7 @@ def _run_peer(
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     jobs = [(n, r) for n in peers.presses(args) for r in ratios]
     todo = [(n, r) for n, r in jobs if not results.done(f"{peer.name}:{n}@{r:g}x [agnostic]")]
-    for name, ratio in progress(todo, len(todo), f"qa {peer.name}"):
+    for name, ratio in common.progress(todo, len(todo), f"qa {peer.name}"):
         em, f, outs = [], [], []
         for c in cases:
             q = s.encode(QUESTION.format(q=c["question"]))
@@ -224,10 +211,10 @@ def _key(cell_key: str, mode: str, full: bool) -> str:
     return cell_key if full else f"{cell_key} [{mode}]"
 
 
-def report(args: argparse.Namespace, results: Results) -> Path:
+def report(args: argparse.Namespace, results: common.Results) -> Path:
     full = results.row("full")
     rows: list[list[Any]] = []
-    series: Series = {}
+    series: common.Series = {}
     for r in results.rows:
         at = f"{r['ratio']:g}x" if r["ratio"] else (r["budget"] or "")
         mode = "" if r["key"] == "full" else r["mode"]
@@ -238,20 +225,22 @@ def report(args: argparse.Namespace, results: Results) -> Path:
                 mode,
                 r["exact_match"],
                 r["f1"],
-                mib(r["kv_bytes"]),
+                common.mib(r["kv_bytes"]),
                 r["seconds_compact"],
             ]
         )
         if r["ratio"]:
             series.setdefault(f"{r['method']} [{mode}]", []).append((r["ratio"], r["f1"]))
     header = ["method", "ratio / budget", "mode", "exact match", "F1", "KV MiB held", "compact s"]
-    body = markdown_table(header, rows)
+    body = common.markdown_table(header, rows)
     body += (
         f"\n\n{args.data.name}: {args.cases} questions, each with its paragraph among "
         f"distractors up to {args.length} tokens; agnostic = compacted before the question, "
         "task = compacted with the question as the task."
     )
-    plot = plot_lines(
+    plot = common.plot_lines(
         args.out / "qa.png", "QA F1 after compaction", "F1", series, full["f1"] if full else None
     )
-    return write_markdown(args.out, "Question answering", results, body, [plot] if plot else [])
+    return common.write_markdown(
+        args.out, "Question answering", results, body, [plot] if plot else []
+    )

@@ -18,27 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from kvfast import Session
-from kvfast.eval.common import (
-    DEFAULT_TEXT,
-    Results,
-    Series,
-    add_common,
-    cell_row,
-    cells,
-    load_text,
-    markdown_table,
-    mib,
-    plot_lines,
-    progress,
-    write_markdown,
-)
+from kvfast.eval import common
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,streaming"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add_common(p, DEFAULT_METHODS, "8")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    common.add_common(p, DEFAULT_METHODS, "8")
+    p.add_argument("--text", type=Path, default=common.DEFAULT_TEXT)
     p.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
     p.add_argument("--decode", type=int, default=32, help="greedy decode steps timed")
     p.add_argument("--transformers", action="store_true", help="also time transformers")
@@ -55,14 +42,14 @@ def _ids(s: Session, text: str, n: int) -> list[int]:
     return (ids * (n // max(len(ids), 1) + 1))[:n]  # repeat a short text up to n tokens
 
 
-def run(args: argparse.Namespace, s: Session, results: Results) -> None:
-    text = load_text(args.text)
+def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
+    text = common.load_text(args.text)
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     s.reset()
     s.prefill(_ids(s, text, 64), logits="last")  # warm-up: first-call costs out of the timings
-    jobs = [(n, c) for n in lengths for c in cells(args)]
+    jobs = [(n, c) for n in lengths for c in common.cells(args)]
     todo = [(n, c) for n, c in jobs if not results.done(f"{c.key} @{n}")]
-    for n, cell in progress(todo, len(todo), "speed"):
+    for n, cell in common.progress(todo, len(todo), "speed"):
         ids = _ids(s, text, n)
         s.reset()
         t0 = time.perf_counter()
@@ -73,7 +60,7 @@ def run(args: argparse.Namespace, s: Session, results: Results) -> None:
         t0 = time.perf_counter()
         steps = sum(1 for _ in s.engine.generate(max_new_tokens=args.decode, eos_ids=[]))
         decode_s = time.perf_counter() - t0
-        row = cell_row(
+        row = common.cell_row(
             cell,
             length=n,
             prefill_tok_s=n / prefill_s,
@@ -138,10 +125,10 @@ def _transformers(args: argparse.Namespace, s: Session, ids: list[int]) -> dict[
     }
 
 
-def report(args: argparse.Namespace, results: Results) -> Path:
+def report(args: argparse.Namespace, results: common.Results) -> Path:
     hf = {r["length"]: r for r in results.rows if r["key"].startswith("transformers")}
     rows: list[list[Any]] = []
-    comp: Series = {}
+    comp: common.Series = {}
     for r in sorted(results.rows, key=lambda r: (r["length"], r["key"])):
         ref = hf.get(r["length"])
         mine = not r["key"].startswith("transformers")
@@ -154,8 +141,8 @@ def report(args: argparse.Namespace, results: Results) -> Path:
                 f"{r['decode_tok_s']:.1f}",
                 f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref and mine else "",
                 r.get("seconds_compact"),
-                mib(r.get("kv_bytes")),
-                mib(r.get("peak_rss")),
+                common.mib(r.get("kv_bytes")),
+                common.mib(r.get("peak_rss")),
             ]
         )
         if mine and r.get("ratio") and r["seconds_compact"]:
@@ -173,13 +160,13 @@ def report(args: argparse.Namespace, results: Results) -> Path:
         "KV MiB held",
         "peak RSS MiB",
     ]
-    body = markdown_table(header, rows)
+    body = common.markdown_table(header, rows)
     body += f"\n\n{args.decode} greedy decode steps after each prefill (and compaction)."
-    plot = plot_lines(
+    plot = common.plot_lines(
         args.out / "speed-compaction.png",
         "compaction time vs context length",
         "seconds",
         comp,
         xlabel="context tokens",
     )
-    return write_markdown(args.out, "Speed", results, body, [plot] if plot else [])
+    return common.write_markdown(args.out, "Speed", results, body, [plot] if plot else [])
