@@ -1,5 +1,6 @@
 //! Parsing of the user's device and dtype strings.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
@@ -67,6 +68,28 @@ fn open_metal(_ordinal: usize) -> Result<Device> {
     ))
 }
 
+/// Weight formats a safetensors checkpoint can be quantized to on load (`dtype="q8_0"`, ...):
+/// the matrices become llama.cpp blocks (candle's `QMatMul`), computed with f32 activations.
+pub const WEIGHT_FORMATS: [(&str, GgmlDType); 8] = [
+    ("q8_0", GgmlDType::Q8_0),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q4k", GgmlDType::Q4K),
+    ("q5k", GgmlDType::Q5K),
+    ("q6k", GgmlDType::Q6K),
+];
+
+/// The quantized weight format named by `spec`, if it names one.
+pub fn parse_weight_format(spec: &str) -> Option<GgmlDType> {
+    let s = spec.trim().to_ascii_lowercase().replace("_k", "k");
+    WEIGHT_FORMATS
+        .iter()
+        .find(|(n, _)| n.replace("_k", "k") == s)
+        .map(|(_, d)| *d)
+}
+
 /// Parses "f32" | "f16" | "bf16" (and the torch-style long names).
 pub fn parse_dtype(spec: &str) -> Result<DType> {
     match spec.trim().to_ascii_lowercase().as_str() {
@@ -74,7 +97,9 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         "f16" | "float16" | "half" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         other => Err(Error::invalid(format!(
-            "unsupported dtype {other:?}: expected \"f32\", \"f16\" or \"bf16\""
+            "unsupported dtype {other:?}: expected \"f32\", \"f16\", \"bf16\" or a weight \
+             format ({})",
+            WEIGHT_FORMATS.map(|(n, _)| n).join(", ")
         ))),
     }
 }

@@ -11,7 +11,7 @@ use crate::compact::pipeline::{
     HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
 };
 use crate::config::ModelConfig;
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{parse_device, parse_dtype, parse_weight_format};
 use crate::error::{Error, Result};
 use crate::gguf::GgufWeights;
 use crate::model::qwen3::Qwen3;
@@ -62,7 +62,11 @@ impl Engine {
     /// Loads a checkpoint directory. `dtype` None: f32 on CPU, the checkpoint's dtype elsewhere.
     pub fn load(path: &Path, device: &str, dtype: Option<&str>) -> Result<Self> {
         // Parse the cheap arguments first so a typo is reported before any file is read.
-        let requested = dtype.map(parse_dtype).transpose()?;
+        let quantize = dtype.and_then(parse_weight_format);
+        let requested = match quantize {
+            Some(_) => Some(DType::F32), // quantized matrices take f32 activations
+            None => dtype.map(parse_dtype).transpose()?,
+        };
         if !path.exists() {
             return Err(Error::NotFound {
                 what: "model path",
@@ -92,6 +96,7 @@ impl Engine {
             None => weights.stored_dtype().unwrap_or(DType::BF16),
         };
         weights.set_dtype(dtype);
+        weights.quantize = quantize;
         let model = crate::threads::install(|| Qwen3::load(&cfg, &weights, dtype, &device))?;
         Self::from_model(model)
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -57,6 +57,8 @@ impl WeightSource for RandomWeights {
 }
 
 pub struct Weights {
+    /// Quantize matrices to this format on load (`dtype="q8_0"`, ...).
+    pub quantize: Option<GgmlDType>,
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// tensor name -> index into `files`
     routing: HashMap<String, usize>,
@@ -83,6 +85,7 @@ impl Weights {
             files.push((path, st));
         }
         Ok(Self {
+            quantize: None,
             files,
             routing,
             device: device.clone(),
@@ -176,6 +179,25 @@ impl WeightSource for Weights {
 
     fn contains(&self, name: &str) -> bool {
         self.routing.contains_key(name)
+    }
+
+    fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatMul>> {
+        let Some(format) = self.quantize else {
+            return Ok(None);
+        };
+        let block = format.block_size();
+        if shape.len() != 2 || shape[1] % block != 0 {
+            return Err(Error::invalid(format!(
+                "cannot quantize {name:?} {shape:?} to {format:?}: its rows of {} values are \
+                 not a multiple of the format's block of {block} (k-quants need multiples of \
+                 256; q8_0/q4_0/... need 32)",
+                shape.last().copied().unwrap_or(0)
+            )));
+        }
+        let dense = self.get_as(name, shape, DType::F32)?;
+        Ok(Some(QMatMul::from_qtensor(QTensor::quantize(
+            &dense, format,
+        )?)?))
     }
 }
 
