@@ -11,6 +11,7 @@ llama.cpp does): max error <= 5% of the largest |logit| (measured 3%) and the ar
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -135,3 +136,14 @@ def test_bad_gguf_files_raise_clear_errors(tmp_path: Path, path: Path) -> None:
         Session.from_pretrained(cut)
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         Session.from_pretrained(tmp_path / "missing.gguf")
+
+
+def test_eval_runs_on_a_gguf_checkpoint(path: Path, tmp_path: Path) -> None:
+    from kvfast.eval import main as eval_main
+    from kvfast.eval.common import model_fingerprint
+
+    assert len(model_fingerprint(path)) == 16
+    argv = "ppl --methods full --context 128 --continuation 16 --windows 1 --out".split()
+    assert eval_main([*argv, str(tmp_path), "--model", str(path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["key"] == "full" and np.isfinite(rows[0]["ppl"])

@@ -19,10 +19,13 @@ class ModelLoadError(KvfastError, ValueError):
     """A checkpoint could not be loaded: bad config, missing or misshapen tensor, truncated file."""
 
 class Engine:
-    """A loaded Qwen3 model plus its KV cache (one sequence)."""
+    """A loaded Qwen3 / Qwen2 / Llama model plus its KV cache (one sequence)."""
 
     def __init__(self, path: str, device: str = "cpu", dtype: str | None = None) -> None:
-        """Load a checkpoint directory (config.json + *.safetensors, single or sharded).
+        """Load a checkpoint directory (config.json + *.safetensors, single or sharded) or a
+        .gguf file. `dtype`: "f32", "f16", "bf16", or a weight format to quantize the
+        safetensors matrices to on load ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4k",
+        "q5k", "q6k"; computed with f32 activations).
 
         Raises FileNotFoundError (missing path/file), ModelLoadError (a ValueError: bad config,
         missing/misshapen tensor, truncated file), ValueError (unknown device or dtype),

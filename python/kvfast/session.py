@@ -100,8 +100,10 @@ class Session:
         .gguf file (matrices stay quantized; tokenizer and chat template from its metadata), or
         a hub id.
 
-        `device` ("cpu", "cuda", "cuda:N", "metal") and `dtype` ("f32", "f16", "bf16"; None
-        for the engine's default) are checked by the engine. `tokenizer` is a Tokenizer, a
+        `device` ("cpu", "cuda", "cuda:N", "metal") and `dtype` ("f32", "f16", "bf16", or a
+        weight format to quantize safetensors matrices to on load: "q8_0", "q4_0", "q4_1",
+        "q5_0", "q5_1", "q4k", "q5k", "q6k"; None for the engine's default) are checked by the
+        engine. `tokenizer` is a Tokenizer, a
         tokenizer.json or a directory holding one; by default the checkpoint's own. Without
         any, the session works on token ids only.
         """

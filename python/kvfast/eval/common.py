@@ -151,10 +151,13 @@ def add_common(p: argparse.ArgumentParser, methods: str, ratios: str) -> None:
 
 
 def model_fingerprint(path: Path) -> str:
-    """sha256 of config.json and, per weight file, its name, size and first MiB: tells two
-    checkpoints apart without reading gigabytes."""
+    """sha256 of config.json and, per weight file (or the one GGUF file), its name, size and
+    first MiB: tells two checkpoints apart without reading gigabytes."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".gguf"))
+    if path.is_file():  # a GGUF checkpoint
+        files = [path]
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
     for f in files:
         h.update(f.name.encode())
         h.update(str(f.stat().st_size).encode())
