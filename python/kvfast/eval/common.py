@@ -178,7 +178,7 @@ class Results:
         self.data: dict[str, Any] = {
             "subcommand": subcommand,
             "kvfast": __version__,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": _command_line(),
             "config": config,
             "model": str(s.model_path),
             "model_hash": model_fingerprint(s.model_path),
@@ -231,6 +231,15 @@ class Results:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=_jsonable))
         tmp.replace(self.path)  # atomic: an interrupted run never leaves a torn file
+
+
+def _command_line() -> str:
+    """How the run was started: `kvfast eval ...` for the script and for `python -m`."""
+    prog = Path(sys.argv[0]).name
+    args = sys.argv[1:]
+    if prog == "__main__.py":  # python -m kvfast.eval
+        prog, args = "kvfast eval", args
+    return " ".join([prog, *args])
 
 
 def _jsonable(x: Any) -> Any:
