@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 measurements on real pretrained weights (SmolLM2-135M-Instruct Q4_1 GGUF) and per
 # weight format: AM needle retrieval on SmolLM2 (full vs AM vs SnapKV at 4x and 8x), and CPU
-# decode speed per weight format. Needs ../shared. About 10 minutes on 2 cores.
+# decode speed per weight format. Needs ../shared. About 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -10,8 +10,8 @@ SMOL="$SHARED/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI="$SHARED/data/wikitext-2/wiki.test.raw"
 E="python -m kvfast.eval"
 $E needle --model "$SMOL" --methods full,am,snapkv --ratios 4,8 \
-  --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" --lengths 1024,2048,4096 \
-  --depths 0.25,0.75 --cases 2 --out "$OUT/needle"
+  --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" --lengths 1024,2048 \
+  --depths 0.25,0.75 --cases 1 --out "$OUT/needle"
 $E speed --model "$SMOL" --methods full --ratios 8 --text "$WIKI" --lengths 512 --decode 64 \
   --out "$OUT/speed-smollm2-q4_1"
 for fmt in f32 bf16 q8_0 q4_0; do
