@@ -261,6 +261,8 @@ class FakePeer:
         return "no idea"
 
     def nll(self, press: str, ratio: float, context: Any, continuation: Any) -> list[float]:
+        if press == "tova":
+            raise RuntimeError("the peer failed")  # recorded, and the run goes on
         return [1.0] * len(continuation)
 
     def kv_bytes(self, tokens: int) -> int:
@@ -289,6 +291,9 @@ def test_peer_rows_sit_beside_kvfast_rows(out: Path, monkeypatch: pytest.MonkeyP
     r = rows(p)
     assert r["fake:full"]["ppl"] == pytest.approx(math.e) and r["fake:full"]["tokens"] == 16
     assert r["fake:snapkv@4x"]["kv_bytes"] == 100 * 128
+    assert r["fake:tova@4x"]["error"] == "RuntimeError: the peer failed"
+    assert math.isnan(r["fake:tova@4x"]["ppl"])
+    assert "fake tova at 4x failed" in (out / "ppl-peer" / "results.md").read_text()
     q = run(
         out / "qa-peer",
         *"qa --methods full --ratios 4 --cases 1 --length 256".split(),

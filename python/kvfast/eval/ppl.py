@@ -120,7 +120,11 @@ def run(
         keys = {(n, r): f"{peer.name}:{n}" + ("" if n == "full" else f"@{r:g}x") for n, r in jobs}
         peer_todo = [j for j in jobs if not results.done(keys[j])]
         for name, ratio in common.progress(peer_todo, len(peer_todo), f"ppl {peer.name}"):
-            nll = [x for ctx, cont in wins for x in peer.nll(name, ratio, ctx, cont)]
+            error = None
+            try:
+                nll = [x for ctx, cont in wins for x in peer.nll(name, ratio, ctx, cont)]
+            except Exception as e:  # a peer's failure is a result, not the end of the run
+                error, nll = f"{type(e).__name__}: {e}", [math.nan]
             results.add(
                 {
                     "key": keys[(name, ratio)],
@@ -129,7 +133,8 @@ def run(
                     "budget": None,
                     "ppl": math.exp(float(np.mean(nll))),
                     "nll": float(np.mean(nll)),
-                    "tokens": len(nll),
+                    "error": error,
+                    "tokens": 0 if error else len(nll),
                     # kvpress masks dropped keys: it holds the full cache.
                     "kv_bytes": float(peer.kv_bytes(args.context)),
                     "seconds_compact": None,
@@ -160,6 +165,8 @@ def report(args: argparse.Namespace, results: common.Results) -> Path:
     body = common.markdown_table(
         ["method", "ratio / budget", "PPL", "vs full", "KV MiB held", "compact s"], rows
     )
+    failed = [r for r in results.rows if r.get("error")]
+    body += "".join(f"\n\n{r['method']} at {r['ratio']:g}x failed: {r['error']}" for r in failed)
     body += (
         f"\n\n{args.text.name}: windows of {args.context} context + {args.continuation} scored "
         "tokens; KV MiB is what the compacted cache really holds (mean over windows; kvpress "
