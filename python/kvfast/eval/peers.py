@@ -130,7 +130,12 @@ class Kvpress:
         with t.inference_mode():
             with p(self.model) if p is not None else contextlib.nullcontext():
                 first = self.model(ctx, past_key_values=cache, use_cache=True).logits[0, -1:]
-            rest = self.model(cont[:, :-1], past_key_values=cache, use_cache=True).logits[0]
+            # The press shortened the cache: positions must continue from the context's length
+            # (as kvpress's own pipeline does), not from the number of keys kept.
+            pos = t.arange(len(context), len(context) + cont.shape[1] - 1, device=self.device)
+            rest = self.model(
+                cont[:, :-1], past_key_values=cache, use_cache=True, position_ids=pos[None]
+            ).logits[0]
             logp = t.log_softmax(t.cat([first, rest]).float(), dim=-1)
             nll = -logp.gather(1, cont[0].unsqueeze(1)).squeeze(1)
         return [float(x) for x in nll]
