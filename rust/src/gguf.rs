@@ -109,7 +109,7 @@ impl GgufWeights {
     /// The model's config, from the GGUF metadata.
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.arch()?;
-        if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
+        if !crate::config::SUPPORTED.contains(&arch.as_str()) {
             return Err(Error::Config {
                 path: self.path.clone(),
                 msg: format!(

@@ -85,7 +85,8 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
-def _floats(text: str | None) -> list[float]:
+def floats(text: str | None) -> list[float]:
+    """A comma list of numbers (`--ratios`, `--budgets`); empty gives []."""
     return [float(x) for x in (text or "").split(",") if x.strip()]
 
 
@@ -117,7 +118,7 @@ class Cell:
 
 def cells(args: argparse.Namespace) -> list[Cell]:
     specs = parse_methods(args.methods)
-    ratios, budgets = _floats(args.ratios), [int(b) for b in _floats(args.budgets)]
+    ratios, budgets = floats(args.ratios), [int(b) for b in floats(args.budgets)]
     if any(r < 1 for r in ratios) or any(b < 1 for b in budgets):
         raise ValueError("--ratios must be >= 1 and --budgets >= 1")
     has_compacting = any(not s.is_full for s in specs)

@@ -157,7 +157,7 @@ def run(
 def _run_peer(
     args: argparse.Namespace, cases: list[dict[str, Any]], results: common.Results, peer: peers.Peer
 ) -> None:
-    jobs = [(n, r) for n in peers.presses(args) for r in _ratios(args)]
+    jobs = [(n, r) for n in peers.presses(args) for r in common.floats(args.ratios)]
     todo = [(n, r) for n, r in jobs if not results.done(f"{peer.name}:{n}@{r:g}x")]
     for name, ratio in common.progress(todo, len(todo), f"needle {peer.name}"):
         hits = []
@@ -184,10 +184,6 @@ def _run_peer(
                 "seconds_compact": None,
             }
         )
-
-
-def _ratios(args: argparse.Namespace) -> list[float]:
-    return [float(r) for r in args.ratios.split(",") if r.strip()]
 
 
 def report(args: argparse.Namespace, results: common.Results) -> Path:

@@ -115,7 +115,7 @@ def run(
         )
     s.reset()
     if peer is not None:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        ratios = common.floats(args.ratios)
         jobs = [("full", 1.0)] + [(n, r) for n in peers.presses(args) for r in ratios]
         keys = {(n, r): f"{peer.name}:{n}" + ("" if n == "full" else f"@{r:g}x") for n, r in jobs}
         peer_todo = [j for j in jobs if not results.done(keys[j])]

@@ -180,7 +180,7 @@ def _run_peer(
 ) -> None:
     """The presses compress the documents before the question (query-agnostic, as kvfast's
     agnostic mode)."""
-    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    ratios = common.floats(args.ratios)
     jobs = [(n, r) for n in peers.presses(args) for r in ratios]
     todo = [(n, r) for n, r in jobs if not results.done(f"{peer.name}:{n}@{r:g}x [agnostic]")]
     for name, ratio in common.progress(todo, len(todo), f"qa {peer.name}"):
