@@ -52,6 +52,27 @@ def test_method_specs_parse_options_and_reject_typos() -> None:
         parse_methods("amm")
     with pytest.raises(ValueError, match="bad option 'querys=context'"):
         parse_methods("am:querys=context")
+    # kv= picks the cache's storage for the cell; it is not a compaction option.
+    fk, ak = parse_methods("full:kv=int4,am:kv=int2:queries=context")
+    assert fk.is_full and fk.kv_dtype == "int4" and fk.name == "full:kv=int4"
+    assert ak.kv_dtype == "int2" and ak.options == {"queries": "context"}
+    with pytest.raises(ValueError, match="'full' takes no options"):
+        parse_methods("full:queries=context")
+
+
+def test_ppl_kv_cells_store_the_cache_quantized(out: Path) -> None:
+    folder = out / "ppl-kv"
+    data = run(
+        folder,
+        *"ppl --methods full,full:kv=int2,streaming:kv=int4 --ratios 4 --context 256 "
+        "--continuation 16 --windows 1".split(),
+    )
+    r = rows(data)
+    # int2 codes: well under a quarter of the f32 cache; int4 at 4x: under a sixteenth.
+    assert r["full:kv=int2"]["kv_bytes"] < 0.25 * r["full"]["kv_bytes"]
+    assert r["streaming:kv=int4@4x"]["kv_bytes"] < r["full"]["kv_bytes"] / 16
+    assert r["full:kv=int2"]["ppl"] != r["full"]["ppl"]
+    assert "full:kv=int2" in (folder / "results.md").read_text()
 
 
 def test_ppl_full_equals_session_score_and_compaction_holds_fewer_bytes(out: Path) -> None:

@@ -120,3 +120,13 @@ def test_packed_layers_match_the_per_head_loop_on_gpu(monkeypatch: pytest.Monkey
         outs.append(np.concatenate(rows))
     err = float(np.abs(outs[0] - outs[1]).max())
     assert err <= 1e-4, f"packed vs per-head attention on {DEVICE}: {err:.2e}"
+
+
+def test_quantized_kv_cache_is_refused_off_the_cpu_with_a_reason() -> None:
+    # The fused quantized-cache attention is a CPU kernel: say so rather than run slowly.
+    with pytest.raises(ValueError, match=r"kv_dtype=.*int4.*cpu"):
+        Session.from_pretrained(device=DEVICE, kv_dtype="int4")
+    s = Session.from_pretrained(device=DEVICE)
+    with pytest.raises(ValueError, match="cpu"):
+        s.kv_dtype = "int8"
+    assert s.kv_dtype is None

@@ -21,11 +21,18 @@ class ModelLoadError(KvfastError, ValueError):
 class Engine:
     """A loaded Qwen3 / Qwen2 / Llama model plus its KV cache (one sequence)."""
 
-    def __init__(self, path: str, device: str = "cpu", dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str = "cpu",
+        dtype: str | None = None,
+        kv_dtype: str | None = None,
+    ) -> None:
         """Load a checkpoint directory (config.json + *.safetensors, single or sharded) or a
         .gguf file. `dtype`: "f32", "f16", "bf16", or a weight format to quantize the
         safetensors matrices to on load ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4k",
-        "q5k", "q6k"; computed with f32 activations).
+        "q5k", "q6k"; computed with f32 activations). `kv_dtype`: "int8", "int4", "int2" to
+        store the KV cache quantized (CPU only), None for the model dtype.
 
         Raises FileNotFoundError (missing path/file), ModelLoadError (a ValueError: bad config,
         missing/misshapen tensor, truncated file), ValueError (unknown device or dtype),
@@ -33,7 +40,11 @@ class Engine:
         """
     @staticmethod
     def random(
-        config_path: str, device: str = "cpu", dtype: str | None = None, seed: int = 0
+        config_path: str,
+        device: str = "cpu",
+        dtype: str | None = None,
+        seed: int = 0,
+        kv_dtype: str | None = None,
     ) -> Engine:
         """A random-weight model with the shape of a `config.json` (for speed benchmarks)."""
     @property
@@ -48,6 +59,12 @@ class Engine:
     def weight_bytes(self) -> int: ...
     @property
     def vocab_size(self) -> int: ...
+    @property
+    def kv_dtype(self) -> str | None:
+        """The cache's storage format ("int8", "int4", "int2"), None for the model dtype."""
+    @kv_dtype.setter
+    def kv_dtype(self, value: str | None) -> None:
+        """Converts what the cache holds (ValueError: unknown format, or not on the CPU)."""
     @property
     def cache_len(self) -> int:
         """Number of tokens the cache has seen (the RoPE position of the next token)."""
@@ -129,8 +146,10 @@ class Engine:
         """One (layer, KV head)'s keys, values `[n, head_dim]` and biases `[n]` (copies)."""
     def cache_info(self) -> dict[str, Any]:
         """{"tokens": int, "layers": int, "kv_heads": int, "head_dim": int, "dtype": str,
-        "tokens_per_head": list[list[int]] ([layer][kv_head]), "bytes": int (K+V+bias in use),
-        "capacity_bytes": int (allocated), "bytes_per_token": float}"""
+        "kv_dtype": str | None, "kv_group": int | None,
+        "tokens_per_head": list[list[int]] ([layer][kv_head]), "bytes": int (K+V+bias in use,
+        codes and scales included), "capacity_bytes": int (allocated), "bytes_per_token": float
+        (bytes / tokens seen)}"""
 
 class TokenStream(Iterator[int]):
     def __iter__(self) -> TokenStream: ...

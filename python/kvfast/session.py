@@ -95,6 +95,7 @@ class Session:
         device: str = "cpu",
         dtype: str | None = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+        kv_dtype: str | None = None,
     ) -> Session:
         """Load a Qwen3, Qwen2 or Llama checkpoint: None (embedded qwen3-tiny), a directory, a
         .gguf file (matrices stay quantized; tokenizer and chat template from its metadata), or
@@ -105,11 +106,13 @@ class Session:
         "q5_0", "q5_1", "q4k", "q5k", "q6k"; None for the engine's default) are checked by the
         engine. `tokenizer` is a Tokenizer, a
         tokenizer.json or a directory holding one; by default the checkpoint's own. Without
-        any, the session works on token ids only.
+        any, the session works on token ids only. `kv_dtype` ("int8", "int4", "int2"; CPU)
+        stores the KV cache quantized, KIVI-style (see `Session.kv_dtype`); None keeps it in
+        the model dtype.
         """
         path = resolve_model(model)
         if path.is_file():  # GGUF: tokenizer and chat template come from its metadata
-            engine = _native.Engine(str(path), device=device, dtype=dtype)
+            engine = _native.Engine(str(path), device=device, dtype=dtype, kv_dtype=kv_dtype)
             meta = gguf.read_metadata(path)
             tok = (
                 _load_tokenizer(tokenizer, path)
@@ -118,7 +121,7 @@ class Session:
             )
             return cls(engine, path, tok, gguf.tokenizer_config(meta))
         tok = _load_tokenizer(tokenizer, path)
-        engine = _native.Engine(str(path), device=device, dtype=dtype)
+        engine = _native.Engine(str(path), device=device, dtype=dtype, kv_dtype=kv_dtype)
         return cls(engine, path, tok)
 
     # -- properties ---------------------------------------------------------------------------
@@ -148,6 +151,18 @@ class Session:
     @property
     def dtype(self) -> str:
         return self._engine.dtype
+
+    @property
+    def kv_dtype(self) -> str | None:
+        """How the KV cache is stored: "int8", "int4", "int2" (KIVI-style: keys per channel
+        and values per token in groups of 32, the newest < 32 tokens exact), or None for the
+        model dtype. Assigning converts what the cache holds (e.g. compact at full precision,
+        then `session.kv_dtype = "int4"`)."""
+        return self._engine.kv_dtype
+
+    @kv_dtype.setter
+    def kv_dtype(self, value: str | None) -> None:
+        self._engine.kv_dtype = value
 
     @property
     def cache_len(self) -> int:

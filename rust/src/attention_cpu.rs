@@ -1,6 +1,8 @@
 //! CPU attention for a few new tokens (decode): per KV head, one pass over its raw K/V rows,
 //! logits and softmax in f32, K/V read in their stored dtype. Replaces ~10 candle ops per head
 //! (each allocating, and the GEMM packing K and V) with one fused loop; heads run in parallel.
+//! A quantized head's older tokens are read as codes, group by group ([`QuantRows`]); only its
+//! newest `< group` tokens are full-precision rows.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -8,6 +10,7 @@ use rayon::prelude::*;
 use crate::cache::{HeadCache, LayerCache};
 use crate::error::Result;
 use crate::gemv::{dot_generic, Widen};
+use crate::kv_quant::QuantRows;
 
 /// Largest number of new tokens served by this kernel; longer chunks use the GEMM path.
 pub const MAX_NEW_TOKENS: usize = 8;
@@ -54,7 +57,7 @@ fn head_attend(
     } else {
         None
     };
-    let (k, v) = (head.keys()?, head.values()?);
+    let (k, v) = (head.dense_keys()?, head.dense_values()?);
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
@@ -65,7 +68,10 @@ fn head_attend(
         n,
         scale,
         bias: b,
+        quant: head.quantized().filter(|q| !q.is_empty()),
     };
+    // Full-precision rows: the newest `n - quantized` tokens.
+    let n = head.dense_len();
     match (&*ks, &*vs) {
         (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
             dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
@@ -91,6 +97,8 @@ struct Args<'a> {
     n: usize,
     scale: f32,
     bias: Option<&'a [f32]>,
+    /// The head's quantized older tokens (`k`, `v` then hold only the rest).
+    quant: Option<&'a QuantRows>,
 }
 
 fn dispatch<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
@@ -114,28 +122,41 @@ unsafe fn kernel_avx2<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut
 #[inline(always)]
 fn kernel<W: Widen>(a: &Args, q: &[f32], k: &[W], v: &[W], out: &mut [f32]) {
     let (t, d, n) = (a.t, a.d, a.n);
+    // Tokens 0..nq are quantized, nq..n are the full-precision rows of `k`, `v`.
+    let nq = a.quant.map_or(0, QuantRows::len);
     let mut s = vec![0f32; n];
     for (r, (qr, or)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
         // Rows are [query head][token]; token i sees the old keys and new keys 0..=i.
         let visible = n - t + r % t + 1;
+        if let Some(qk) = a.quant {
+            qk.logits(qr, a.scale, &mut s[..nq]);
+        }
+        // (With t > 1 the newest tokens may already sit in a quantized group: lo < nq.)
+        let lo = nq.min(visible);
+        for (j, sj) in s[lo..visible].iter_mut().enumerate() {
+            *sj = dot_generic(qr, &k[j * d..(j + 1) * d]) * a.scale;
+        }
         let mut max = f32::NEG_INFINITY;
-        for (j, sj) in s[..visible].iter_mut().enumerate() {
-            let mut x = dot_generic(qr, &k[j * d..(j + 1) * d]) * a.scale;
+        for (j, x) in s[..visible].iter_mut().enumerate() {
             if let Some(b) = a.bias {
-                x += b[j];
+                *x += b[j];
             }
-            *sj = x;
-            max = max.max(x);
+            max = max.max(*x);
         }
         let mut sum = 0f32;
         for x in &mut s[..visible] {
             *x = (*x - max).exp();
             sum += *x;
         }
-        or.fill(0.0);
         let inv = 1.0 / sum;
-        for (j, &p) in s[..visible].iter().enumerate() {
-            let p = p * inv;
+        for x in &mut s[..visible] {
+            *x *= inv;
+        }
+        or.fill(0.0);
+        if let Some(qv) = a.quant {
+            qv.accumulate_values(&s[..visible.min(nq)], or);
+        }
+        for (j, &p) in s[lo..visible].iter().enumerate() {
             for (o, &x) in or.iter_mut().zip(&v[j * d..(j + 1) * d]) {
                 *o += p * x.widen();
             }
@@ -172,6 +193,40 @@ mod tests {
                 let tol = if dt == DType::F32 { 1e-5 } else { 2e-2 };
                 assert!(err < tol, "{dt:?} t={t}: {err}");
             }
+        }
+        Ok(())
+    }
+
+    /// A quantized cache (groups of codes + a full-precision residual, compacted heads
+    /// re-quantized, new tokens crossing a group boundary) through the fused kernel equals the
+    /// plain reference over the dequantized rows.
+    #[test]
+    fn quantized_cache_matches_reference_on_dequantized_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        for name in crate::kv_quant::KV_DTYPES {
+            let mut cache = KvCache::new(1, 2, 16, DType::F32, &dev)?;
+            cache.set_quant(Some(crate::kv_quant::KvQuant::parse(name)?))?;
+            let k = Tensor::randn(0f32, 1.0, (2, 90, 16), &dev)?;
+            cache.append(0, &k, &(&k * 0.5)?)?;
+            cache.settle(0)?;
+            // Head 1 compacted to 70 rows with biases: quantized whole (groups 32, 32, 6).
+            let kk = Tensor::randn(0f32, 1.0, (70, 16), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 70, &dev)?;
+            cache.replace_head(0, 1, &kk, &kk, Some(&b))?;
+            assert_eq!(cache.head(0, 1).dense_len(), 0);
+            for t in [1usize, 8, 1] {
+                // 90 -> 91 -> 99 (a group fills inside the chunk: its tokens see each other
+                // exact, the next step sees them quantized) -> 100
+                let k = Tensor::randn(0f32, 1.0, (2, t, 16), &dev)?;
+                cache.append(0, &k, &k)?;
+                let q = Tensor::randn(0f32, 1.0, (6, t, 16), &dev)?;
+                let got = attend(&q, &cache.layers[0], 0.25)?.unwrap();
+                let want = crate::attention::attend_reference(&q, &cache.layers[0], 0.25)?;
+                let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{name} t={t}: {err}");
+                cache.settle(0)?;
+            }
+            assert_eq!(cache.head(0, 0).dense_len(), 100 - 96);
         }
         Ok(())
     }

@@ -23,24 +23,37 @@
 //! other heads keep their views, which no one else writes. `KVFAST_PACKED_CACHE=0` turns
 //! packing off (to measure it).
 //!
+//! Quantized cache (`kv_dtype`, CPU): a head then holds its tokens in two parts, the filled
+//! groups of `group` tokens as integer codes ([`QuantRows`], KIVI-style) and the newest
+//! `< group` tokens (the residual) in `k`/`v` in full precision. `bias` still covers every token.
+//! A compacted head is quantized the same way when it is written, so compaction and
+//! quantization compose (a head written at once is quantized whole, its last group short, so
+//! a compacted head keeps no full-precision rows); `keys()`/`values()` return the dequantized rows (what attention
+//! sees), so compaction fits what the cache actually holds.
+//!
 //! `next_position` is the RoPE position of the next appended token. It counts tokens *seen*,
 //! not keys kept: after compaction new tokens continue from the original context length.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kv_quant::{KvQuant, QuantRows};
 
 /// Smallest capacity allocated for a head, in tokens.
 const MIN_CAPACITY: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct HeadCache {
+    /// Full-precision rows: tokens `quantized_len()..len` at rows `0..dense_len()`.
     k: Tensor,
     v: Tensor,
+    /// Every token's bias, `[>= len]`.
     bias: Tensor,
     len: usize,
     /// Whether any live key has a non-zero bias (lets attention skip the bias add).
     has_bias: bool,
+    /// The quantized older tokens, when the cache is quantized.
+    quant: Option<QuantRows>,
 }
 
 impl HeadCache {
@@ -55,6 +68,7 @@ impl HeadCache {
             bias: Tensor::zeros(cap, DType::F32, device)?,
             len: 0,
             has_bias: false,
+            quant: None,
         })
     }
 
@@ -66,21 +80,59 @@ impl HeadCache {
         self.len == 0
     }
 
+    /// Full-precision rows allocated.
     pub fn capacity(&self) -> usize {
         self.k.dim(0).unwrap_or(0)
+    }
+
+    /// The quantized older tokens (None for a full-precision head).
+    pub fn quantized(&self) -> Option<&QuantRows> {
+        self.quant.as_ref()
+    }
+
+    fn quantized_len(&self) -> usize {
+        self.quant.as_ref().map_or(0, QuantRows::len)
+    }
+
+    /// Tokens held in full precision (all of them unless the cache is quantized).
+    pub fn dense_len(&self) -> usize {
+        self.len - self.quantized_len()
+    }
+
+    /// The full-precision rows `[dense_len, head_dim]` (the newest tokens; a view).
+    pub fn dense_keys(&self) -> Result<Tensor> {
+        Ok(self.k.narrow(0, 0, self.dense_len())?)
+    }
+
+    pub fn dense_values(&self) -> Result<Tensor> {
+        Ok(self.v.narrow(0, 0, self.dense_len())?)
     }
 
     pub fn has_bias(&self) -> bool {
         self.has_bias
     }
 
-    /// Valid keys `[len, head_dim]` (a view, no copy).
+    /// Valid keys `[len, head_dim]`: a view, or for a quantized head the dequantized rows
+    /// followed by the full-precision ones (a copy).
     pub fn keys(&self) -> Result<Tensor> {
-        Ok(self.k.narrow(0, 0, self.len)?)
+        match &self.quant {
+            Some(q) if !q.is_empty() => self.with_dequantized(q.keys(), self.dense_keys()?),
+            _ => self.dense_keys(),
+        }
     }
 
     pub fn values(&self) -> Result<Tensor> {
-        Ok(self.v.narrow(0, 0, self.len)?)
+        match &self.quant {
+            Some(q) if !q.is_empty() => self.with_dequantized(q.values(), self.dense_values()?),
+            _ => self.dense_values(),
+        }
+    }
+
+    fn with_dequantized(&self, rows: Vec<f32>, dense: Tensor) -> Result<Tensor> {
+        let d = self.k.dim(1)?;
+        let q = Tensor::from_vec(rows, (self.quantized_len(), d), self.k.device())?
+            .to_dtype(self.k.dtype())?;
+        Ok(Tensor::cat(&[q, dense], 0)?)
     }
 
     /// Per-key logit bias `[len]` f32.
@@ -91,34 +143,130 @@ impl HeadCache {
     /// Appends `k`, `v` (`[t, head_dim]`) with bias 0.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(0)?;
-        if self.len + t > self.capacity() {
-            self.grow(self.len + t)?;
-        }
-        self.k.slice_set(&k.contiguous()?, 0, self.len)?;
-        self.v.slice_set(&v.contiguous()?, 0, self.len)?;
-        // Rows past `len` are kept at bias 0 (see `grow` and `replace`), so nothing to write.
+        let dense = self.dense_len();
+        self.reserve(dense + t, self.len + t)?;
+        self.k.slice_set(&k.contiguous()?, 0, dense)?;
+        self.v.slice_set(&v.contiguous()?, 0, dense)?;
+        // Rows past `len` are kept at bias 0 (see `reserve` and `replace`), so nothing to write.
         self.len += t;
         Ok(())
     }
 
-    fn grow(&mut self, needed: usize) -> Result<()> {
-        let cap = needed.max(2 * self.capacity()).max(MIN_CAPACITY);
-        let (dtype, device, d) = (self.k.dtype(), self.k.device().clone(), self.k.dim(1)?);
-        let mut new = Self::with_capacity(cap, d, dtype, &device)?;
-        if self.len > 0 {
-            new.k.slice_set(&self.keys()?, 0, 0)?;
-            new.v.slice_set(&self.values()?, 0, 0)?;
-            new.bias.slice_set(&self.bias()?, 0, 0)?;
+    /// Makes room for `dense` full-precision rows and `total` biases, growing geometrically.
+    fn reserve(&mut self, dense: usize, total: usize) -> Result<()> {
+        if dense > self.capacity() {
+            let cap = dense.max(2 * self.capacity()).max(MIN_CAPACITY);
+            self.set_dense_capacity(cap)?;
         }
-        new.len = self.len;
-        new.has_bias = self.has_bias;
-        *self = new;
+        let bias_cap = self.bias.dim(0)?;
+        if total > bias_cap {
+            let cap = total.max(2 * bias_cap).max(MIN_CAPACITY);
+            let bias = Tensor::zeros(cap, DType::F32, self.bias.device())?;
+            if self.len > 0 {
+                bias.slice_set(&self.bias()?, 0, 0)?;
+            }
+            self.bias = bias;
+        }
         Ok(())
     }
 
-    fn bytes(&self, len: usize) -> usize {
-        let d = self.k.dim(1).unwrap_or(0);
-        len * (2 * d * self.k.dtype().size_in_bytes() + DType::F32.size_in_bytes())
+    /// Reallocates the full-precision rows to `cap` (>= dense_len), keeping them.
+    fn set_dense_capacity(&mut self, cap: usize) -> Result<()> {
+        let (dtype, device, d) = (self.k.dtype(), self.k.device().clone(), self.k.dim(1)?);
+        let k = Tensor::zeros((cap, d), dtype, &device)?;
+        let v = Tensor::zeros((cap, d), dtype, &device)?;
+        if self.dense_len() > 0 {
+            k.slice_set(&self.dense_keys()?, 0, 0)?;
+            v.slice_set(&self.dense_values()?, 0, 0)?;
+        }
+        (self.k, self.v) = (k, v);
+        Ok(())
+    }
+
+    /// Moves every filled group of full-precision rows into the quantized rows.
+    fn quantize_full_groups(&mut self) -> Result<()> {
+        self.quantize_rows(false)
+    }
+
+    /// Moves every full-precision row into the quantized rows, the last group possibly short
+    /// (a head written at once: compaction, conversion).
+    fn quantize_all(&mut self) -> Result<()> {
+        self.quantize_rows(true)
+    }
+
+    fn quantize_rows(&mut self, all: bool) -> Result<()> {
+        let Some(q) = self.quant.as_mut() else {
+            return Ok(());
+        };
+        let (g, dense) = (q.spec().group, self.len - q.len());
+        let full = if all { dense } else { dense / g * g };
+        if full == 0 {
+            return Ok(());
+        }
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.narrow(0, 0, full)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (k, v) = (rows(&self.k)?, rows(&self.v)?);
+        let d = self.k.dim(1)?;
+        for (kg, vg) in k.chunks(g * d).zip(v.chunks(g * d)) {
+            q.push_group(kg, vg);
+        }
+        let rest = dense - full;
+        if rest > 0 {
+            // `copy`: source and destination share the buffer.
+            let rk = self.k.narrow(0, full, rest)?.copy()?;
+            let rv = self.v.narrow(0, full, rest)?.copy()?;
+            self.k.slice_set(&rk, 0, 0)?;
+            self.v.slice_set(&rv, 0, 0)?;
+        }
+        // A long prefill chunk grew the residual buffer; give the memory back.
+        let small = (2 * g).max(MIN_CAPACITY);
+        if self.capacity() > 2 * small {
+            self.set_dense_capacity(small)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the newest `t` tokens (bias reset to 0).
+    fn truncate(&mut self, t: usize) -> Result<()> {
+        if self.len < t {
+            return Err(Error::invalid(format!(
+                "cannot drop {t} tokens from a head holding {}",
+                self.len
+            )));
+        }
+        let dense = self.dense_len();
+        if t > dense {
+            // Every full-precision row goes; the rest comes off the quantized rows.
+            if let Some(q) = self.quant.as_mut() {
+                q.truncate(self.len - t);
+            }
+        }
+        self.len -= t;
+        if self.has_bias && t > 0 {
+            let zeros = Tensor::zeros(t, DType::F32, self.bias.device())?;
+            self.bias.slice_set(&zeros, 0, self.len)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes in use: codes and scales, full-precision rows, one f32 bias per token.
+    fn bytes_used(&self) -> usize {
+        let row = 2 * self.k.dim(1).unwrap_or(0) * self.k.dtype().size_in_bytes();
+        self.quant.as_ref().map_or(0, QuantRows::bytes)
+            + self.dense_len() * row
+            + self.len * DType::F32.size_in_bytes()
+    }
+
+    /// Bytes allocated, room for growth included.
+    fn bytes_allocated(&self) -> usize {
+        let row = 2 * self.k.dim(1).unwrap_or(0) * self.k.dtype().size_in_bytes();
+        self.quant.as_ref().map_or(0, QuantRows::bytes_reserved)
+            + self.capacity() * row
+            + self.bias.dim(0).unwrap_or(0) * DType::F32.size_in_bytes()
     }
 }
 
@@ -186,6 +334,7 @@ pub struct KvCache {
     head_dim: usize,
     dtype: DType,
     device: Device,
+    quant: Option<KvQuant>,
 }
 
 impl KvCache {
@@ -215,6 +364,7 @@ impl KvCache {
             head_dim,
             dtype,
             device: device.clone(),
+            quant: None,
         })
     }
 
@@ -252,7 +402,8 @@ impl KvCache {
         self.next_position += t;
     }
 
-    /// Appends the new keys/values of one layer: `k`, `v` are `[n_kv_heads, t, head_dim]`.
+    /// Appends the new keys/values of one layer: `k`, `v` are `[n_kv_heads, t, head_dim]`
+    /// (exact until [`KvCache::settle`]).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let layer = &mut self.layers[layer];
         if layer.packable {
@@ -260,6 +411,19 @@ impl KvCache {
         }
         for (h, head) in layer.heads.iter_mut().enumerate() {
             head.append(&k.get(h)?, &v.get(h)?)?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes the filled groups of one layer's newest tokens (no-op for a full-precision
+    /// cache). The model calls it after a layer's attention, so the tokens of a chunk attend to
+    /// each other's exact keys and values, as in KIVI's prefill, and only later tokens see them
+    /// quantized.
+    pub fn settle(&mut self, layer: usize) -> Result<()> {
+        if self.quant.is_some() {
+            for head in &mut self.layers[layer].heads {
+                head.quantize_full_groups()?;
+            }
         }
         Ok(())
     }
@@ -274,6 +438,17 @@ impl KvCache {
         v: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<()> {
+        let new = self.new_head(k, v, bias)?;
+        let layer = &mut self.layers[layer];
+        layer.heads[head] = new;
+        // The other heads keep their views of the packed buffers, which only they write.
+        layer.packed = None;
+        layer.packable = false;
+        Ok(())
+    }
+
+    /// A head holding exactly `k`, `v` `[n, head_dim]` and `bias` (quantized as the cache is).
+    fn new_head(&self, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<HeadCache> {
         let n = k.dim(0)?;
         if k.dims() != [n, self.head_dim] || v.dims() != [n, self.head_dim] {
             return Err(Error::invalid(format!(
@@ -309,12 +484,11 @@ impl KvCache {
             }
         }
         new.len = n;
-        let layer = &mut self.layers[layer];
-        layer.heads[head] = new;
-        // The other heads keep their views of the packed buffers, which only they write.
-        layer.packed = None;
-        layer.packable = false;
-        Ok(())
+        if let Some(spec) = self.quant {
+            new.quant = Some(QuantRows::new(spec, self.head_dim));
+            new.quantize_all()?;
+        }
+        Ok(new)
     }
 
     /// Drops the newest `t` tokens from every head and rewinds `next_position` by `t` (how a
@@ -350,22 +524,13 @@ impl KvCache {
     /// layer-wise pass re-appends a suffix's keys in chunks after the compaction hook).
     pub fn truncate_layer_last(&mut self, layer: usize, t: usize) -> Result<()> {
         for head in &mut self.layers[layer].heads {
-            if head.len < t {
-                return Err(Error::invalid(format!(
-                    "cannot drop {t} tokens from a head holding {}",
-                    head.len
-                )));
-            }
-            head.len -= t;
-            if head.has_bias && t > 0 {
-                let zeros = Tensor::zeros(t, DType::F32, head.bias.device())?;
-                head.bias.slice_set(&zeros, 0, head.len)?;
-            }
+            head.truncate(t)?;
         }
         Ok(())
     }
 
     pub fn reset(&mut self) -> Result<()> {
+        let quant = self.quant;
         *self = Self::new(
             self.n_layers(),
             self.n_kv_heads(),
@@ -373,6 +538,40 @@ impl KvCache {
             self.dtype,
             &self.device,
         )?;
+        self.set_quant(quant)
+    }
+
+    /// The cache's quantization (None: keys and values in the model dtype).
+    pub fn quant(&self) -> Option<KvQuant> {
+        self.quant
+    }
+
+    /// Switches the cache to `quant` (or back to full precision), converting what it holds:
+    /// full groups are quantized, a quantized cache is dequantized. CPU only: the attention
+    /// kernel that reads codes directly is a CPU kernel.
+    pub fn set_quant(&mut self, quant: Option<KvQuant>) -> Result<()> {
+        if quant.is_some() && !self.device.is_cpu() {
+            return Err(Error::invalid(format!(
+                "kv_dtype={:?} needs device=\"cpu\": the quantized-cache attention kernel is \
+                 CPU-only for now",
+                quant.map(|q| q.name()).unwrap_or_default()
+            )));
+        }
+        if quant == self.quant {
+            return Ok(());
+        }
+        self.quant = quant;
+        for l in 0..self.layers.len() {
+            let layer = &mut self.layers[l];
+            layer.packed = None;
+            layer.packable = quant.is_none() && packing_enabled() && self.next_position == 0;
+            for h in 0..layer.heads.len() {
+                let head = &self.layers[l].heads[h];
+                let (k, v, b, has_bias) =
+                    (head.keys()?, head.values()?, head.bias()?, head.has_bias);
+                self.layers[l].heads[h] = self.new_head(&k, &v, has_bias.then_some(&b))?;
+            }
+        }
         Ok(())
     }
 
@@ -389,7 +588,7 @@ impl KvCache {
         self.layers
             .iter()
             .flat_map(|l| &l.heads)
-            .map(|h| h.bytes(h.len))
+            .map(HeadCache::bytes_used)
             .sum()
     }
 
@@ -398,7 +597,7 @@ impl KvCache {
         self.layers
             .iter()
             .flat_map(|l| &l.heads)
-            .map(|h| h.bytes(h.capacity()))
+            .map(HeadCache::bytes_allocated)
             .sum()
     }
 }
@@ -487,6 +686,57 @@ mod tests {
             vec![0.5, 0.0, -1.0, 0.0]
         );
         assert_eq!(c.next_position(), 11);
+        Ok(())
+    }
+
+    /// Quantized heads: the rows read back are within a quantization step of what was written,
+    /// the residual stays exact, truncation reaches into quantized groups, and the bytes count
+    /// the codes.
+    #[test]
+    fn quantized_heads_keep_rows_truncate_and_count_bytes() -> Result<()> {
+        let dev = Device::Cpu;
+        let d = 32;
+        let mut c = KvCache::new(1, 1, d, DType::F32, &dev)?;
+        let full_bytes = |n: usize| n * (2 * d * 4 + 4);
+        let x = Tensor::randn(0f32, 1.0, (1, 100, d), &dev)?;
+        c.set_quant(Some(KvQuant::parse("int8")?))?;
+        c.append(0, &x, &x)?;
+        assert_eq!(c.head(0, 0).dense_len(), 100);
+        c.settle(0)?;
+        c.advance(100);
+        let h = c.head(0, 0);
+        assert_eq!((h.len(), h.dense_len()), (100, 4));
+        let keys = h.keys()?;
+        let err = (&keys - x.get(0)?)?.abs()?;
+        // int8: a step is range/255; normal data spans < 10.
+        assert!(err.narrow(0, 0, 96)?.max_all()?.to_scalar::<f32>()? < 0.03);
+        assert_eq!(err.narrow(0, 96, 4)?.max_all()?.to_scalar::<f32>()?, 0.0);
+        // 3 groups of codes (K and V: 32 B codes/token + f16 key scales/minima per channel per
+        // group + f16 value scale/minimum per token), 4 exact rows, 100 biases.
+        let codes = 96 * 2 * d + 3 * d * 4 + 96 * 4;
+        assert_eq!(c.bytes_used(), codes + 4 * 2 * d * 4 + 100 * 4);
+        assert!(c.bytes_used() * 3 < full_bytes(100));
+        // Dropping 40 tokens cuts into the quantized groups; the rows kept read back the same.
+        c.truncate_last(40)?;
+        let h = c.head(0, 0);
+        assert_eq!((h.len(), h.dense_len()), (60, 0));
+        let k60 = h.keys()?;
+        assert_eq!(
+            k60.to_vec2::<f32>()?,
+            keys.narrow(0, 0, 60)?.to_vec2::<f32>()?
+        );
+        // Back to full precision keeps the (dequantized) rows exactly.
+        c.set_quant(None)?;
+        assert!(c.head(0, 0).quantized().is_none());
+        assert_eq!(
+            c.head(0, 0).keys()?.to_vec2::<f32>()?,
+            k60.to_vec2::<f32>()?
+        );
+        assert_eq!(c.bytes_used(), full_bytes(60));
+        // A reset keeps the format.
+        c.set_quant(Some(KvQuant::parse("int2")?))?;
+        c.reset()?;
+        assert_eq!(c.quant().map(|q| q.name()), Some("int2"));
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod gemv;
 pub mod gguf;
+pub mod kv_quant;
 pub mod model;
 pub mod sample;
 pub mod threads;

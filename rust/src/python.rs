@@ -16,6 +16,7 @@ use crate::compact::select::Pool;
 use crate::device::{build_features, device_name, dtype_name};
 use crate::engine::{Engine as Core, LogitsWant};
 use crate::error::Error;
+use crate::kv_quant::KvQuant;
 use crate::sample::{Sampler, SamplingParams};
 
 static KVFAST_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -88,28 +89,58 @@ pub struct Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, device = "cpu", dtype = None))]
-    fn new(py: Python<'_>, path: PathBuf, device: &str, dtype: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (path, device = "cpu", dtype = None, kv_dtype = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+        kv_dtype: Option<&str>,
+    ) -> PyResult<Self> {
+        // Checked before the (slow) load so a typo fails fast.
+        let kv = kv_dtype.map(KvQuant::parse).transpose()?;
         let (device, dtype) = (device.to_string(), dtype.map(str::to_string));
-        let core = run(py, move || Core::load(&path, &device, dtype.as_deref()))?;
+        let core = run(py, move || {
+            let mut core = Core::load(&path, &device, dtype.as_deref())?;
+            core.cache.set_quant(kv)?;
+            Ok(core)
+        })?;
         Ok(Self { core })
     }
 
     /// A random-weight model with the shape of a `config.json` (for speed benchmarks).
     #[staticmethod]
-    #[pyo3(signature = (config_path, device = "cpu", dtype = None, seed = 0))]
+    #[pyo3(signature = (config_path, device = "cpu", dtype = None, seed = 0, kv_dtype = None))]
     fn random(
         py: Python<'_>,
         config_path: PathBuf,
         device: &str,
         dtype: Option<&str>,
         seed: u64,
+        kv_dtype: Option<&str>,
     ) -> PyResult<Self> {
+        let kv = kv_dtype.map(KvQuant::parse).transpose()?;
         let (device, dtype) = (device.to_string(), dtype.map(str::to_string));
         let core = run(py, move || {
-            Core::random(&config_path, &device, dtype.as_deref(), seed)
+            let mut core = Core::random(&config_path, &device, dtype.as_deref(), seed)?;
+            core.cache.set_quant(kv)?;
+            Ok(core)
         })?;
         Ok(Self { core })
+    }
+
+    /// The cache's storage format: "int8"/"int4"/"int2", or None for the model dtype.
+    #[getter]
+    fn kv_dtype(&self) -> Option<&'static str> {
+        self.core.cache.quant().map(|q| q.name())
+    }
+
+    /// Changes the cache's storage format, converting what it holds (None: the model dtype).
+    #[setter]
+    fn set_kv_dtype(&mut self, py: Python<'_>, kv_dtype: Option<&str>) -> PyResult<()> {
+        let kv = kv_dtype.map(KvQuant::parse).transpose()?;
+        let cache = &mut self.core.cache;
+        run(py, move || cache.set_quant(kv))
     }
 
     #[getter]
@@ -463,6 +494,8 @@ impl Engine {
         d.set_item("kv_heads", c.n_kv_heads())?;
         d.set_item("head_dim", c.head_dim())?;
         d.set_item("dtype", dtype_name(c.dtype()))?;
+        d.set_item("kv_dtype", c.quant().map(|q| q.name()))?;
+        d.set_item("kv_group", c.quant().map(|q| q.group))?;
         d.set_item("tokens_per_head", c.tokens_per_head())?;
         d.set_item("bytes", bytes)?;
         d.set_item("capacity_bytes", c.bytes_allocated())?;

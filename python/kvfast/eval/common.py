@@ -33,11 +33,13 @@ _COMPACT_OPTIONS = set(inspect.signature(Session.compact).parameters) - {"self",
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One entry of `--methods`: "full", "am", or "am:queries=context:head_budgets=uniform"."""
+    """One entry of `--methods`: "full", "am", or "am:queries=context:head_budgets=uniform";
+    `kv=int8|int4|int2` (on full or a method) stores the cache quantized from the prefill on."""
 
     name: str
     method: str | None  # None: the full cache
     options: dict[str, Any] = field(default_factory=dict)
+    kv_dtype: str | None = None
 
     @property
     def is_full(self) -> bool:
@@ -60,10 +62,13 @@ def parse_methods(text: str) -> list[MethodSpec]:
         if not item:
             continue
         name, *opts = item.split(":")
+        kv = [o.partition("=")[2].strip() for o in opts if o.partition("=")[0].strip() == "kv"]
+        opts = [o for o in opts if o.partition("=")[0].strip() != "kv"]
+        kv_dtype = kv[-1] if kv else None
         if name == "full":
             if opts:
-                raise ValueError(f"method spec {item!r}: 'full' takes no options")
-            specs.append(MethodSpec(item, None))
+                raise ValueError(f"method spec {item!r}: 'full' takes no options but kv=")
+            specs.append(MethodSpec(item, None, kv_dtype=kv_dtype))
             continue
         if name not in METHODS:
             raise ValueError(
@@ -79,7 +84,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
                     f"of {', '.join(sorted(_COMPACT_OPTIONS - {'method'}))}"
                 )
             options[key] = _value(val.strip())
-        specs.append(MethodSpec(item, name, options))
+        specs.append(MethodSpec(item, name, options, kv_dtype))
     if not specs:
         raise ValueError("--methods is empty")
     return specs
@@ -104,6 +109,12 @@ class Cell:
             return self.spec.name
         at = f"{self.ratio:g}x" if self.ratio is not None else f"budget={self.budget}"
         return f"{self.spec.name}@{at}"
+
+    def prefill(self, s: Session, ids: list[int]) -> None:
+        """Empties `s`'s cache, stores it as this cell says (`kv=`) and prefills `ids`."""
+        s.reset()
+        s.kv_dtype = self.spec.kv_dtype
+        s.prefill(ids, logits=None)
 
     def compact(self, s: Session, **extra: Any) -> CompactionReport | None:
         """Compacts `s`'s cache as this cell says (nothing for the full cache)."""

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
     ]
     # The full cache's blocks, held-out queries and logits, once per window.
     refs = []
+    s.kv_dtype = None
     for ctx, held in wins:
         s.reset()
         s.prefill(ctx, logits=None)
@@ -106,8 +107,7 @@ def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
     for cell in common.progress(todo, len(todo), "fidelity"):
         out_e, mass_e, cos, kls, kv = [], [], [], [], []
         for (ctx, held), (qs, blocks, full_logits) in zip(wins, refs, strict=True):
-            s.reset()
-            s.prefill(ctx, logits=None)
+            cell.prefill(s, ctx)
             cell.compact(s, seed=args.seed)
             kv.append(s.cache_info()["bytes"])
             comp = _heads(s)

@@ -125,8 +125,7 @@ def run(
     for cell in common.progress(todo, len(todo), "needle"):
         hits, kv, secs = [], [], []
         for c in cases:
-            s.reset()
-            s.prefill(c["context"], logits=None)
+            cell.prefill(s, c["context"])
             rep = cell.compact(s, seed=args.seed)
             secs.append(rep.seconds if rep else 0.0)
             kv.append(s.cache_info()["bytes"])

@@ -144,8 +144,7 @@ def run(
     for cell, mode in common.progress(todo, len(todo), "qa"):
         em, f, kv, secs, outs = [], [], [], [], []
         for c in cases:
-            s.reset()
-            s.prefill(c["context"], logits=None)
+            cell.prefill(s, c["context"])
             extra = {"task": c["question"]} if mode == "task" else {}
             rep = cell.compact(s, seed=args.seed, **extra)
             secs.append(rep.seconds if rep else 0.0)

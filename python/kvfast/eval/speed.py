@@ -52,6 +52,7 @@ def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
     for n, cell in common.progress(todo, len(todo), "speed"):
         ids = _ids(s, text, n)
         s.reset()
+        s.kv_dtype = cell.spec.kv_dtype
         t0 = time.perf_counter()
         s.prefill(ids, logits="last")
         prefill_s = time.perf_counter() - t0

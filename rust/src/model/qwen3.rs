@@ -342,6 +342,7 @@ impl Qwen3 {
                     let qc = q.narrow(1, start, len)?;
                     outs.push(attend(&qc, &cache.layers[l], self.attention_scale())?);
                 }
+                cache.settle(l)?;
             }
             if l < last {
                 x = self.finish(layer, &x, &Tensor::cat(&outs, 1)?)?;
@@ -415,6 +416,7 @@ impl Qwen3 {
         let (q, k, v) = self.qkv(layer, x, cos, sin)?;
         cache.append(l, &k, &v)?;
         let attn = attend(&q, &cache.layers[l], self.attention_scale())?;
+        cache.settle(l)?;
         Ok((self.finish(layer, x, &attn)?, q))
     }
 
