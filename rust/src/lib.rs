@@ -16,6 +16,7 @@ pub mod gemv;
 pub mod gguf;
 pub mod kv_quant;
 pub mod model;
+pub mod qgemv;
 pub mod sample;
 pub mod threads;
 pub mod weights;
