@@ -229,6 +229,7 @@ unsafe fn row_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, ys: &mut [
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `b` indexes the weight row and all R rows of x
 unsafe fn dots_avx2<const F: u8, const R: usize>(w: &[u8], xs: [&[XBlock]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let bb = match F {
