@@ -101,12 +101,11 @@ pub fn matmul_xwt(x: &Tensor, parts: &[&QTensor]) -> Result<Option<Tensor>> {
             .enumerate()
             .for_each(|(task, chunk)| {
                 let r0 = task * ROWS_PER_TASK;
-                for (r, ys) in chunk.chunks_exact_mut(m).enumerate() {
-                    let w = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
-                    // SAFETY: `simd()` checked AVX2/FMA/F16C; `w` holds `kb` blocks and
-                    // `xb` `kb` blocks per row of `x`.
-                    unsafe { row_avx2(*fmt, w, &xb, kb, ys) };
-                }
+                let rows = chunk.len() / m;
+                let w = &data[r0 * row_bytes..(r0 + rows) * row_bytes];
+                // SAFETY: `simd()` checked AVX2/FMA/F16C; `w` holds `rows` rows of `kb`
+                // blocks and `xb` `kb` blocks per row of `x`.
+                unsafe { rows_avx2(*fmt, w, &xb, kb, m, chunk) };
             });
         offset += n;
     }
@@ -195,34 +194,50 @@ const F_Q4_0: u8 = 0;
 const F_Q4_1: u8 = 1;
 const F_Q8_0: u8 = 2;
 
-/// `ys[i] = x_i . w` for every row `i` of `x` (`xb`: `kb` blocks per row).
+/// `out[r * m + i] = x_i . w_r` for the weight rows `w` (`kb` blocks each) and the `m` rows of
+/// `x` (`xb`: `kb` blocks per row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, ys: &mut [f32]) {
+unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
     match fmt {
-        Format::Q4_0 => row_avx2_f::<F_Q4_0>(w, xb, kb, ys),
-        Format::Q4_1 => row_avx2_f::<F_Q4_1>(w, xb, kb, ys),
-        Format::Q8_0 => row_avx2_f::<F_Q8_0>(w, xb, kb, ys),
+        Format::Q4_0 => rows_avx2_f::<F_Q4_0>(w, xb, kb, m, out),
+        Format::Q4_1 => rows_avx2_f::<F_Q4_1>(w, xb, kb, m, out),
+        Format::Q8_0 => rows_avx2_f::<F_Q8_0>(w, xb, kb, m, out),
     }
 }
 
+/// Tiles: four weight rows per pass for fewer than four rows of `x` (decode: four independent
+/// streams keep loads in flight, where one row at a time stalled on each block), four rows of
+/// `x` per pass otherwise (prefill: each weight block is unpacked once for the four).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, ys: &mut [f32]) {
-    let m = ys.len();
-    let mut i = 0;
-    // Four rows of x per pass: each weight block is unpacked once for all four.
-    while i + 4 <= m {
-        let r = dots_avx2::<F, 4>(
-            w,
-            std::array::from_fn(|j| &xb[(i + j) * kb..(i + j + 1) * kb]),
-        );
-        ys[i..i + 4].copy_from_slice(&r);
-        i += 4;
+unsafe fn rows_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
+    let rows = out.len() / m;
+    let rb = w.len() / rows;
+    let wrow = |r: usize| &w[r * rb..(r + 1) * rb];
+    let xrow = |i: usize| &xb[i * kb..(i + 1) * kb];
+    let mut r = 0;
+    if m < 4 {
+        while r + 4 <= rows {
+            for i in 0..m {
+                let d = dots_avx2::<F, 4, 1>(std::array::from_fn(|j| wrow(r + j)), [xrow(i)]);
+                for (j, dj) in d.iter().enumerate() {
+                    out[(r + j) * m + i] = dj[0];
+                }
+            }
+            r += 4;
+        }
     }
-    while i < m {
-        ys[i] = dots_avx2::<F, 1>(w, [&xb[i * kb..(i + 1) * kb]])[0];
-        i += 1;
+    for r in r..rows {
+        let mut i = 0;
+        while i + 4 <= m {
+            let d = dots_avx2::<F, 1, 4>([wrow(r)], std::array::from_fn(|j| xrow(i + j)));
+            out[r * m + i..r * m + i + 4].copy_from_slice(&d[0]);
+            i += 4;
+        }
+        for i in i..m {
+            out[r * m + i] = dots_avx2::<F, 1, 1>([wrow(r)], [xrow(i)])[0][0];
+        }
     }
 }
 
@@ -230,7 +245,10 @@ unsafe fn row_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, ys: &mut [
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // `b` indexes the weight row and all R rows of x
-unsafe fn dots_avx2<const F: u8, const R: usize>(w: &[u8], xs: [&[XBlock]; R]) -> [f32; R] {
+unsafe fn dots_avx2<const F: u8, const RW: usize, const RX: usize>(
+    ws: [&[u8]; RW],
+    xs: [&[XBlock]; RX],
+) -> [[f32; RX]; RW] {
     use std::arch::x86_64::*;
     let bb = match F {
         F_Q4_0 => 18,
@@ -239,58 +257,66 @@ unsafe fn dots_avx2<const F: u8, const R: usize>(w: &[u8], xs: [&[XBlock]; R]) -
     };
     let ones = _mm256_set1_epi16(1);
     let low4 = _mm_set1_epi8(0xf);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut offset = [0f32; R];
+    let mut acc = [[_mm256_setzero_ps(); RX]; RW];
+    let mut offset = [[0f32; RX]; RW];
     for b in 0..xs[0].len() {
-        let blk = w.as_ptr().add(b * bb);
-        let d = f16_load(blk);
-        // Weight codes as bytes 0..32 in weight order; for Q8_0 signed, else unsigned.
-        let wq = if F == F_Q8_0 {
-            _mm256_loadu_si256(blk.add(2) as *const __m256i)
-        } else {
-            let qs = _mm_loadu_si128(blk.add(if F == F_Q4_0 { 2 } else { 4 }) as _);
-            let lo = _mm_and_si128(qs, low4);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
-            _mm256_set_m128i(hi, lo)
-        };
-        // Q4_0 codes are offset by 8, Q4_1 weights by a per-block minimum.
-        let shift = match F {
-            F_Q4_0 => -8.0 * d,
-            F_Q4_1 => f16_load(blk.add(2)),
-            _ => 0.0,
-        };
-        let wabs = if F == F_Q8_0 {
-            _mm256_sign_epi8(wq, wq)
-        } else {
-            wq
-        };
-        for r in 0..R {
-            let x = &xs[r][b];
-            let xq = _mm256_load_si256(x.q.as_ptr() as *const __m256i);
-            // maddubs multiplies unsigned by signed: for Q8_0 move w's sign onto x.
-            let xq = if F == F_Q8_0 {
-                _mm256_sign_epi8(xq, wq)
+        for w in 0..RW {
+            let blk = ws[w].as_ptr().add(b * bb);
+            let d = f16_load(blk);
+            // Weight codes as bytes 0..32 in weight order; for Q8_0 signed, else unsigned.
+            let wq = if F == F_Q8_0 {
+                _mm256_loadu_si256(blk.add(2) as *const __m256i)
             } else {
-                xq
+                let qs = _mm_loadu_si128(blk.add(if F == F_Q4_0 { 2 } else { 4 }) as _);
+                let lo = _mm_and_si128(qs, low4);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
+                _mm256_set_m128i(hi, lo)
             };
-            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xq), ones));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), s, acc[r]);
-            offset[r] += shift * x.ds;
+            // Q4_0 codes are offset by 8, Q4_1 weights by a per-block minimum.
+            let shift = match F {
+                F_Q4_0 => -8.0 * d,
+                F_Q4_1 => f16_load(blk.add(2)),
+                _ => 0.0,
+            };
+            let wabs = if F == F_Q8_0 {
+                _mm256_sign_epi8(wq, wq)
+            } else {
+                wq
+            };
+            for r in 0..RX {
+                let x = &xs[r][b];
+                let xq = _mm256_load_si256(x.q.as_ptr() as *const __m256i);
+                // maddubs multiplies unsigned by signed: for Q8_0 move w's sign onto x.
+                let xq = if F == F_Q8_0 {
+                    _mm256_sign_epi8(xq, wq)
+                } else {
+                    xq
+                };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xq), ones);
+                let s = _mm256_cvtepi32_ps(p);
+                acc[w][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), s, acc[w][r]);
+                offset[w][r] += shift * x.ds;
+            }
         }
     }
-    std::array::from_fn(|r| {
-        let v = acc[r];
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s) + offset[r]
+    std::array::from_fn(|w| {
+        std::array::from_fn(|r| {
+            let v = acc[w][r];
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            _mm_cvtss_f32(s) + offset[w][r]
+        })
     })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn row_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, ys: &mut [f32]) {
-    for (i, y) in ys.iter_mut().enumerate() {
-        *y = dot_scalar(fmt, w, &xb[i * kb..(i + 1) * kb]);
+unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
+    let rb = w.len() / (out.len() / m);
+    for (r, ys) in out.chunks_exact_mut(m).enumerate() {
+        for (i, y) in ys.iter_mut().enumerate() {
+            *y = dot_scalar(fmt, &w[r * rb..(r + 1) * rb], &xb[i * kb..(i + 1) * kb]);
+        }
     }
 }
 
