@@ -11,6 +11,8 @@
 //! [`QuantRows::accumulate_values`]): per key group the query is pre-multiplied by the group's
 //! scales, so a logit is one dot product with the codes plus a per-group constant; values add
 //! `p * scale * code` per token and fold the minima into one term per channel run.
+//! f16 is widened with `to_f32_const` (plain bit arithmetic that inlines and vectorises):
+//! `half`'s `to_f32` is an out-of-line call per value on x86.
 
 use half::f16;
 
@@ -180,7 +182,7 @@ impl QuantRows {
         let mut row = vec![0u8; d];
         for j in 0..g {
             for (c, r) in row.iter_mut().enumerate() {
-                let (s, m) = (self.k_scale[s0 + c].to_f32(), self.k_min[s0 + c].to_f32());
+                let (s, m) = (self.k_scale[s0 + c].to_f32_const(), self.k_min[s0 + c].to_f32_const());
                 *r = code(k[j * d + c], s, m, levels);
             }
             pack(&row, self.spec.bits, &mut self.k_codes, rb);
@@ -191,7 +193,7 @@ impl QuantRows {
                 let (s, m) = scale_min(run.iter().copied(), levels);
                 self.v_scale.push(s);
                 self.v_min.push(m);
-                let (s, m) = (s.to_f32(), m.to_f32());
+                let (s, m) = (s.to_f32_const(), m.to_f32_const());
                 for (ri, &xi) in r.iter_mut().zip(run) {
                     *ri = code(xi, s, m, levels);
                 }
@@ -245,7 +247,7 @@ impl QuantRows {
             self.unpack(&self.k_codes, j, o);
             let grp = grp_idx * d;
             for (c, x) in o.iter_mut().enumerate() {
-                *x = *x * self.k_scale[grp + c].to_f32() + self.k_min[grp + c].to_f32();
+                *x = *x * self.k_scale[grp + c].to_f32_const() + self.k_min[grp + c].to_f32_const();
             }
         }
         out
@@ -258,7 +260,7 @@ impl QuantRows {
             self.unpack(&self.v_codes, j, o);
             for (r, run) in o.chunks_exact_mut(vg).enumerate() {
                 let i = j * (d / vg) + r;
-                let (s, m) = (self.v_scale[i].to_f32(), self.v_min[i].to_f32());
+                let (s, m) = (self.v_scale[i].to_f32_const(), self.v_min[i].to_f32_const());
                 for x in run {
                     *x = *x * s + m;
                 }
@@ -297,8 +299,8 @@ impl QuantRows {
             // q . (s * code + m) = (q * s) . code + q . m
             let mut offset = 0f32;
             for c in 0..d {
-                qs[c] = q[c] * s[c].to_f32() * scale;
-                offset += q[c] * m[c].to_f32();
+                qs[c] = q[c] * s[c].to_f32_const() * scale;
+                offset += q[c] * m[c].to_f32_const();
             }
             offset *= scale;
             for (i, x) in o.iter_mut().enumerate() {
@@ -323,8 +325,8 @@ impl QuantRows {
             self.unpack(&self.v_codes, j, &mut codes);
             for r in 0..runs {
                 let i = j * runs + r;
-                let a = pj * self.v_scale[i].to_f32();
-                offsets[r] += pj * self.v_min[i].to_f32();
+                let a = pj * self.v_scale[i].to_f32_const();
+                offsets[r] += pj * self.v_min[i].to_f32_const();
                 for (o, &c) in out[r * vg..(r + 1) * vg]
                     .iter_mut()
                     .zip(&codes[r * vg..(r + 1) * vg])
