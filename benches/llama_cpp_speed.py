@@ -70,6 +70,11 @@ def run_kvfast(s: Session, ids: list[int]) -> tuple[float, float, list[int]]:
     return prefill, decode, out
 
 
+def _last_logits(llm: Any) -> Any:
+    # Without logits_all, llama-cpp-python keeps no scores: read the context's last row.
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
 def run_llama(llm: Any, ids: list[int]) -> tuple[float, float, list[int]]:
     llm.reset()
     t0 = time.perf_counter()
@@ -77,11 +82,11 @@ def run_llama(llm: Any, ids: list[int]) -> tuple[float, float, list[int]]:
     prefill = len(ids) / (time.perf_counter() - t0)
     out: list[int] = []
     t0 = time.perf_counter()
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(_last_logits(llm)))
     for _ in range(args.decode):
         out.append(tok)
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(_last_logits(llm)))
     decode = len(out) / (time.perf_counter() - t0)
     return prefill, decode, out
 

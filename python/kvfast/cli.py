@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--queries",
         default=None,
         choices=QUERY_SOURCES,
-        help="am's reference queries (default: self-study)",
+        help="am's reference queries (default: repeat+self-study)",
     )
 
     d = sub.add_parser(

@@ -347,7 +347,8 @@ class Session:
         attention output), "am-omp" (the same fit on keys chosen by orthogonal matching pursuit
         on the attention mass) or a baseline that keeps original keys and values with bias 0:
         "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
-        `queries` (am; None: "self-study" when the session has a tokenizer, else "repeat"):
+        `queries` (am; None: "repeat+self-study" when the session has a tokenizer, else
+        "repeat"):
         "repeat" (prefill a scratch prompt asking to repeat the context, then
         the context; its queries are the references, computed layer by layer on the already
         compacted layers when `on_policy`), "context" (the context's own queries, re-run),
@@ -375,8 +376,9 @@ class Session:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if queries is None:
-            # Measured best on our testbed (docs/compaction.md); self-study needs text prompts.
-            queries = "self-study" if self._tokenizer is not None else "repeat"
+            # The one source that kept needles on both qwen3-small and the pretrained SmolLM2,
+            # where self-study alone kept none (docs/compaction.md); self-study needs text.
+            queries = "repeat+self-study" if self._tokenizer is not None else "repeat"
         if queries not in QUERY_SOURCES:
             raise ValueError(
                 f"unknown query source {queries!r}; expected one of {', '.join(QUERY_SOURCES)}"

@@ -182,7 +182,10 @@ impl QuantRows {
         let mut row = vec![0u8; d];
         for j in 0..g {
             for (c, r) in row.iter_mut().enumerate() {
-                let (s, m) = (self.k_scale[s0 + c].to_f32_const(), self.k_min[s0 + c].to_f32_const());
+                let (s, m) = (
+                    self.k_scale[s0 + c].to_f32_const(),
+                    self.k_min[s0 + c].to_f32_const(),
+                );
                 *r = code(k[j * d + c], s, m, levels);
             }
             pack(&row, self.spec.bits, &mut self.k_codes, rb);
