@@ -105,7 +105,8 @@ impl Widen for f16 {
     }
 }
 
-fn simd() -> bool {
+/// Whether this CPU runs the AVX2/FMA/F16C kernels (ours in `gemv` and `qgemv`).
+pub(crate) fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")

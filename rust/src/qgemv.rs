@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::gemv::simd;
 
 /// Weights per block in every format served here.
 const QK: usize = 32;
@@ -56,17 +57,10 @@ impl Format {
     }
 }
 
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the kernel is on (`KVFAST_QGEMV=0` leaves every product to candle, to compare).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVFAST_QGEMV").map_or(true, |v| v != "0"))
 }
 
 /// `x [m, k]` (CPU) times the row blocks `parts` (each `[n_i, k]`, stacked along
@@ -74,7 +68,7 @@ fn simd() -> bool {
 /// CPU is not served here.
 pub fn matmul_xwt(x: &Tensor, parts: &[&QTensor]) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
-    if !x.device().is_cpu() || k % QK != 0 || !simd() {
+    if !x.device().is_cpu() || k % QK != 0 || !simd() || !enabled() {
         return Ok(None);
     }
     let mut mats = Vec::with_capacity(parts.len());
@@ -349,13 +343,8 @@ unsafe fn dots_w4<const F: u8>(w: [&[u8]; 4], x: &[XBlock]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let bb = block_bytes::<F>();
     let (p0, p1, p2, p3) = (w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr());
-    let (mut a0, mut a1, mut a2, mut a3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
-    let (mut o0, mut o1, mut o2, mut o3) = (0f32, 0f32, 0f32, 0f32);
+    let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
+    let [mut o0, mut o1, mut o2, mut o3] = [0f32; 4];
     for (b, xb) in x.iter().enumerate() {
         let off = b * bb;
         // Loads stalled on each new block (profile): ask for the lines well ahead in all four
@@ -380,13 +369,8 @@ unsafe fn dots_x4<const F: u8>(w: &[u8], x: [&[XBlock]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let bb = block_bytes::<F>();
     let p = w.as_ptr();
-    let (mut a0, mut a1, mut a2, mut a3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
-    let (mut o0, mut o1, mut o2, mut o3) = (0f32, 0f32, 0f32, 0f32);
+    let [mut a0, mut a1, mut a2, mut a3] = [_mm256_setzero_ps(); 4];
+    let [mut o0, mut o1, mut o2, mut o3] = [0f32; 4];
     for b in 0..x[0].len() {
         let wb = unpack::<F>(p.add(b * bb));
         accumulate::<F>(&wb, &x[0][b], &mut a0, &mut o0);
