@@ -28,7 +28,11 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Option<Tenso
     // One task per KV head when there are enough of them for the pool, else one per query head
     // (re-reading the shared K/V from cache): SmolLM2's 3 KV heads on 2 threads left one idle
     // for a third of the attention time.
-    let per = if n_kv >= 2 * rayon::current_num_threads() { g } else { 1 };
+    let per = if n_kv >= 2 * rayon::current_num_threads() {
+        g
+    } else {
+        1
+    };
     out.par_chunks_mut(per * t * d)
         .enumerate()
         .try_for_each(|(i, o)| {
