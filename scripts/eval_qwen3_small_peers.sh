@@ -13,5 +13,7 @@ $E needle "${M[@]}" --methods full --ratios 2,4,8,16,32,64 --haystack "$SHARED/d
   --lengths 2048 --depths 0.25,0.75 --cases 3 --peer kvpress --out "$RUNS/needle-kvpress"
 $E ppl "${M[@]}" --methods full --ratios 2,4,8,16,32,64 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 2048 --continuation 256 --windows 2 --peer kvpress --out "$RUNS/ppl-kvpress"
+$E qa "${M[@]}" --methods full --ratios 4,16 --data "$SHARED/data/ruler/squad.json" --length 1024 \
+  --cases 8 --peer kvpress --out "$RUNS/qa-kvpress"
 $E speed "${M[@]}" --methods full --ratios 8 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --lengths 512,1024,2048 --decode 32 --transformers --out "$RUNS/speed-transformers"
