@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/results/eval-qwen3-small/ (the committed `kvfast eval report` page) on CPU.
-# Needs ../shared (qwen3-small, WikiText-2, the RULER essays and SQuAD). About 45 minutes on 2
+# Needs ../shared (qwen3-small, WikiText-2, the RULER essays and SQuAD). About 75 minutes on 2
 # cores; every command resumes from its results.json if interrupted.
 #
 # Usage: bash scripts/eval_qwen3_small.sh [OUT]   (default OUT: docs/results/eval-qwen3-small)
@@ -11,8 +11,9 @@ OUT=${1:-docs/results/eval-qwen3-small}
 RUNS="$OUT/runs"
 M=(--model "$SHARED/models/qwen3-small")
 MAIN=full,am,kvzip,snapkv,h2o,streaming,tova,random
-# Attention Matching's other query source and head-budget policies, at 8x; the calibrated
-# profile is measured on Moby-Dick (not on the evaluation texts).
+# Attention Matching's other query source and head-budget policies (needle and PPL at every
+# ratio, fidelity at 8x); the calibrated profile is measured on Moby-Dick, not on the
+# evaluation texts.
 PROFILE="$RUNS/budgets-calibrated.json"
 mkdir -p "$RUNS"
 [ -f "$PROFILE" ] || kvfast calibrate-budgets "${M[@]}" --context python/kvfast/data/moby_dick_ch1.txt \
@@ -23,11 +24,11 @@ E="python -m kvfast.eval"
 
 $E needle "${M[@]}" --methods $MAIN --ratios $RATIOS --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
   --lengths 2048 --depths 0.25,0.75 --cases 3 --out "$RUNS/needle"
-$E needle "${M[@]}" --methods full,$AM_VARIANTS --ratios 8 --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
+$E needle "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
   --lengths 2048 --depths 0.25,0.75 --cases 3 --out "$RUNS/needle-am-variants"
 $E ppl "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 2048 --continuation 256 --windows 2 --out "$RUNS/ppl"
-$E ppl "${M[@]}" --methods full,$AM_VARIANTS --ratios 8 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
+$E ppl "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 2048 --continuation 256 --windows 2 --out "$RUNS/ppl-am-variants"
 $E fidelity "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity"
