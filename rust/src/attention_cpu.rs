@@ -54,16 +54,18 @@ fn head_attend(
     out: &mut [f32],
 ) -> Result<()> {
     let n = head.len();
-    let bias = if head.has_bias() {
-        Some(head.bias()?.to_vec1::<f32>()?)
-    } else {
-        None
+    // The bias is read in place (this runs once per head or query head of every decode step).
+    let bias_t = head.bias()?;
+    let (bs, bl) = bias_t.storage_and_layout();
+    let b = match (&*bs, head.has_bias()) {
+        (_, false) => None,
+        (Storage::Cpu(CpuStorage::F32(b)), true) => Some(&b[bl.start_offset()..][..n]),
+        _ => return Err(candle_core::Error::Msg("cpu attention: bias is not f32".into()).into()),
     };
     let (k, v) = (head.dense_keys()?, head.dense_values()?);
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let b = bias.as_deref();
     let args = Args {
         t,
         d,

@@ -32,13 +32,12 @@ pub fn matmul_xwt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         Some(o) => o,
         None => return Ok(None),
     };
-    let mut out = vec![0f32; m * n];
-    match &*w_storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
-        candle_core::Storage::Cpu(CpuStorage::BF16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
-        candle_core::Storage::Cpu(CpuStorage::F16(ws)) => run(&xs, &ws[o1..o2], m, n, k, &mut out),
+    let out = match &*w_storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(ws)) => run(&xs, &ws[o1..o2], m, n, k),
+        candle_core::Storage::Cpu(CpuStorage::BF16(ws)) => run(&xs, &ws[o1..o2], m, n, k),
+        candle_core::Storage::Cpu(CpuStorage::F16(ws)) => run(&xs, &ws[o1..o2], m, n, k),
         _ => return Ok(None),
-    }
+    };
     // Output is [m, n] row-major: out[i * n + j].
     Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
@@ -119,7 +118,7 @@ pub(crate) fn simd() -> bool {
     }
 }
 
-fn run<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, out: &mut [f32]) {
+fn run<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f32> {
     // Work on the transposed output [n, m] so each task owns a contiguous slice, then scatter.
     let use_simd = simd();
     let mut t = vec![0f32; n * m];
@@ -142,11 +141,33 @@ fn run<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, out: &mut [f3
                 }
             }
         });
+    untranspose(t, m, n)
+}
+
+/// The kernels' output `t` `[n, m]` (transposed so each task owns a contiguous run of weight
+/// rows) as `[m, n]` row-major; for one row of `x` it already is.
+pub(crate) fn untranspose(t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return t;
+    }
+    let mut out = vec![0f32; m * n];
     for j in 0..n {
         for i in 0..m {
             out[i * n + j] = t[j * m + i];
         }
     }
+    out
+}
+
+/// Sum of the 8 lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }
 
 /// `out[r * m + i] = x_i . w_r` for the rows of `w`, four weight rows at a time so each x
@@ -174,11 +195,7 @@ unsafe fn rows_avx2<W: Widen>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut 
                 c += 8;
             }
             for j in 0..nr {
-                let v = acc[j];
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-                let mut y = _mm_cvtss_f32(s);
+                let mut y = hsum(acc[j]);
                 for cc in k8..k {
                     y += *xi.add(cc) * (*wp[j].add(cc)).widen();
                 }

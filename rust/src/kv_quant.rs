@@ -87,8 +87,7 @@ pub struct QuantRows {
     d: usize,
     /// Channels per value group.
     vg: usize,
-    len: usize,
-    /// Token index where each key group ends (cumulative).
+    /// Token index where each key group ends (cumulative; the last is the length).
     ends: Vec<usize>,
     /// `[len, row_bytes]` packed codes, token-major.
     k_codes: Vec<u8>,
@@ -126,7 +125,6 @@ impl QuantRows {
             spec,
             d,
             vg: spec.value_group(d),
-            len: 0,
             ends: Vec::new(),
             k_codes: Vec::new(),
             k_scale: Vec::new(),
@@ -142,11 +140,11 @@ impl QuantRows {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.ends.last().copied().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.ends.is_empty()
     }
 
     /// Bytes of codes, scales and minima held.
@@ -203,14 +201,13 @@ impl QuantRows {
             }
             pack(&row, self.spec.bits, &mut self.v_codes, rb);
         }
-        self.len += g;
-        self.ends.push(self.len);
+        self.ends.push(self.len() + g);
     }
 
     /// Keeps the first `n` tokens. A group cut in two keeps its codes and scales, so the rows
     /// kept read back exactly as before.
     pub fn truncate(&mut self, n: usize) {
-        if n >= self.len {
+        if n >= self.len() {
             return;
         }
         let d = self.d;
@@ -220,7 +217,6 @@ impl QuantRows {
             *last = n;
         }
         let rb = self.spec.row_bytes(d);
-        self.len = n;
         self.k_codes.truncate(n * rb);
         self.v_codes.truncate(n * rb);
         self.k_scale.truncate(groups * d);
@@ -231,35 +227,27 @@ impl QuantRows {
 
     /// Dequantized keys `[len, d]` f32.
     pub fn keys(&self) -> Vec<f32> {
-        self.keys_range(0, self.len)
-    }
-
-    /// Dequantized values `[len, d]` f32.
-    pub fn values(&self) -> Vec<f32> {
-        self.values_range(0, self.len)
-    }
-
-    fn keys_range(&self, a: usize, b: usize) -> Vec<f32> {
         let d = self.d;
-        let mut out = vec![0f32; (b - a) * d];
-        let mut grp_idx = self.ends.partition_point(|&e| e <= a);
-        for (j, o) in (a..b).zip(out.chunks_exact_mut(d)) {
-            if j >= self.ends[grp_idx] {
-                grp_idx += 1;
+        let mut out = vec![0f32; self.len() * d];
+        let mut grp = 0;
+        for (j, o) in out.chunks_exact_mut(d).enumerate() {
+            if j >= self.ends[grp] {
+                grp += 1;
             }
             self.unpack(&self.k_codes, j, o);
-            let grp = grp_idx * d;
+            let (s, m) = (&self.k_scale[grp * d..], &self.k_min[grp * d..]);
             for (c, x) in o.iter_mut().enumerate() {
-                *x = *x * self.k_scale[grp + c].to_f32_const() + self.k_min[grp + c].to_f32_const();
+                *x = *x * s[c].to_f32_const() + m[c].to_f32_const();
             }
         }
         out
     }
 
-    fn values_range(&self, a: usize, b: usize) -> Vec<f32> {
+    /// Dequantized values `[len, d]` f32.
+    pub fn values(&self) -> Vec<f32> {
         let (d, vg) = (self.d, self.vg);
-        let mut out = vec![0f32; (b - a) * d];
-        for (j, o) in (a..b).zip(out.chunks_exact_mut(d)) {
+        let mut out = vec![0f32; self.len() * d];
+        for (j, o) in out.chunks_exact_mut(d).enumerate() {
             self.unpack(&self.v_codes, j, o);
             for (r, run) in o.chunks_exact_mut(vg).enumerate() {
                 let i = j * (d / vg) + r;

@@ -9,12 +9,14 @@
 //! quantized `x`, a quarter of its f32 size, stays in L2), so the weights stream once per call.
 //! Off x86-64 or without AVX2 the caller keeps candle's kernels (`None`).
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::gemv::simd;
+#[cfg(target_arch = "x86_64")]
+use crate::gemv::hsum;
+use crate::gemv::{simd, untranspose};
 
 /// Weights per block in every format served here.
 const QK: usize = 32;
@@ -30,12 +32,21 @@ struct XBlock {
     ds: f32,
 }
 
+/// The formats served; each discriminant is also the const-generic tag of its kernel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
 enum Format {
-    Q4_0,
-    Q4_1,
-    Q8_0,
+    Q4_0 = F_Q4_0,
+    Q4_1 = F_Q4_1,
+    Q8_0 = F_Q8_0,
 }
+
+/// Format tags for the const-generic kernels (one instantiation per format, no branch per block).
+const F_Q4_0: u8 = 0;
+const F_Q4_1: u8 = 1;
+const F_Q8_0: u8 = 2;
+/// Bytes per block of 32 weights, by tag (ggml's layout: f16 scale, [f16 minimum], codes).
+const BLOCK_BYTES: [usize; 3] = [18, 20, 34];
 
 impl Format {
     fn of(d: GgmlDType) -> Option<Self> {
@@ -47,13 +58,8 @@ impl Format {
         }
     }
 
-    /// Bytes per block of 32 weights (ggml's layout: f16 scale, [f16 minimum], codes).
     fn block_bytes(self) -> usize {
-        match self {
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q8_0 => 34,
-        }
+        BLOCK_BYTES[self as usize]
     }
 }
 
@@ -64,15 +70,18 @@ fn enabled() -> bool {
 }
 
 /// `x [m, k]` (CPU) times the row blocks `parts` (each `[n_i, k]`, stacked along
-/// the output) transposed: `[m, sum n_i]` f32. `None` when a part's format, the device or the
-/// CPU is not served here.
-pub fn matmul_xwt(x: &Tensor, parts: &[&QTensor]) -> Result<Option<Tensor>> {
+/// the output) transposed: `[m, sum n_i]` f32. `None` when a part is not a quantized tensor in a
+/// format served here, or the device or the CPU is not.
+pub fn matmul_xwt(x: &Tensor, parts: &[QMatMul]) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     if !x.device().is_cpu() || k % QK != 0 || !simd() || !enabled() {
         return Ok(None);
     }
     let mut mats = Vec::with_capacity(parts.len());
     for p in parts {
+        let QMatMul::QTensor(p) = p else {
+            return Ok(None);
+        };
         let (Some(fmt), Ok((n, kk))) = (Format::of(p.dtype()), p.shape().dims2()) else {
             return Ok(None);
         };
@@ -103,12 +112,7 @@ pub fn matmul_xwt(x: &Tensor, parts: &[&QTensor]) -> Result<Option<Tensor>> {
             });
         offset += n;
     }
-    let mut out = vec![0f32; m * n_total];
-    for j in 0..n_total {
-        for i in 0..m {
-            out[i * n_total + j] = t[j * m + i];
-        }
-    }
+    let out = untranspose(t, m, n_total);
     Ok(Some(Tensor::from_vec(out, (m, n_total), x.device())?))
 }
 
@@ -183,11 +187,6 @@ unsafe fn f16_load(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
-/// Format tags for the const-generic kernel (one instantiation per format, no branch per block).
-const F_Q4_0: u8 = 0;
-const F_Q4_1: u8 = 1;
-const F_Q8_0: u8 = 2;
-
 /// `out[r * m + i] = x_i . w_r` for the weight rows `w` (`kb` blocks each) and the `m` rows of
 /// `x` (`xb`: `kb` blocks per row).
 #[cfg(target_arch = "x86_64")]
@@ -241,11 +240,7 @@ const PREFETCH_AHEAD: usize = 4096;
 
 /// Bytes per block of format `F`.
 const fn block_bytes<const F: u8>() -> usize {
-    match F {
-        F_Q4_0 => 18,
-        F_Q4_1 => 20,
-        _ => 34,
-    }
+    BLOCK_BYTES[F as usize]
 }
 
 /// A weight block unpacked for `maddubs`: unsigned codes (Q8_0: magnitudes), the signed codes
@@ -325,16 +320,6 @@ unsafe fn accumulate<const F: u8>(
     *off += w.shift * x.ds;
 }
 
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-}
-
 /// Four weight rows against one row of `x` (decode). Unrolled by hand with named accumulators:
 /// written as loops over arrays, LLVM kept the accumulators on the stack.
 #[cfg(target_arch = "x86_64")]
@@ -408,7 +393,9 @@ unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, o
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
     use candle_core::Device;
+    use std::sync::Arc;
 
     /// Against candle's own quantized matmul (dequantize-exact up to the 8-bit rounding of x)
     /// and against the scalar reference (exact up to float summation order).
@@ -421,9 +408,10 @@ mod tests {
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, n, k) in [(1usize, 70usize, 64usize), (6, 33, 576), (40, 128, 256)] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-                let q = QTensor::quantize(&w, dt)?;
+                let q = Arc::new(QTensor::quantize(&w, dt)?);
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-                let got = matmul_xwt(&x, &[&q, &q])?.expect("served");
+                let part = QMatMul::QTensor(q.clone());
+                let got = matmul_xwt(&x, &[part.clone(), part])?.expect("served");
                 assert_eq!(got.dims(), [m, 2 * n]);
                 let want = x.matmul(&q.dequantize(&dev)?.t()?)?;
                 let want = Tensor::cat(&[&want, &want], 1)?;
@@ -452,9 +440,12 @@ mod tests {
                 }
             }
         }
-        // Not served: a format without a kernel here.
-        let q = QTensor::quantize(&Tensor::zeros((4, 32), DType::F32, &dev)?, GgmlDType::Q5_0)?;
-        assert!(matmul_xwt(&Tensor::zeros((1, 32), DType::F32, &dev)?, &[&q])?.is_none());
+        // Not served: a format without a kernel here, or a dequantized part.
+        let zeros = Tensor::zeros((4, 32), DType::F32, &dev)?;
+        let q = QTensor::quantize(&zeros, GgmlDType::Q5_0)?;
+        let x = Tensor::zeros((1, 32), DType::F32, &dev)?;
+        assert!(matmul_xwt(&x, &[QMatMul::QTensor(Arc::new(q))])?.is_none());
+        assert!(matmul_xwt(&x, &[QMatMul::Tensor(zeros)])?.is_none());
         Ok(())
     }
 }

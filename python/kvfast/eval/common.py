@@ -110,10 +110,14 @@ class Cell:
         at = f"{self.ratio:g}x" if self.ratio is not None else f"budget={self.budget}"
         return f"{self.spec.name}@{at}"
 
-    def prefill(self, s: Session, ids: list[int]) -> None:
-        """Empties `s`'s cache, stores it as this cell says (`kv=`) and prefills `ids`."""
+    def reset(self, s: Session) -> None:
+        """Empties `s`'s cache and stores it as this cell says (`kv=`)."""
         s.reset()
         s.kv_dtype = self.spec.kv_dtype
+
+    def prefill(self, s: Session, ids: list[int]) -> None:
+        """`reset`, then prefills `ids`."""
+        self.reset(s)
         s.prefill(ids, logits=None)
 
     def compact(self, s: Session, **extra: Any) -> CompactionReport | None:
@@ -250,7 +254,7 @@ def _command_line() -> str:
     prog = Path(sys.argv[0]).name
     args = sys.argv[1:]
     if prog == "__main__.py":  # python -m kvfast.eval
-        prog, args = "kvfast eval", args
+        prog = "kvfast eval"
     return " ".join([prog, *args])
 
 

@@ -51,8 +51,7 @@ def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
     todo = [(n, c) for n, c in jobs if not results.done(f"{c.key} @{n}")]
     for n, cell in common.progress(todo, len(todo), "speed"):
         ids = _ids(s, text, n)
-        s.reset()
-        s.kv_dtype = cell.spec.kv_dtype
+        cell.reset(s)
         t0 = time.perf_counter()
         s.prefill(ids, logits="last")
         prefill_s = time.perf_counter() - t0

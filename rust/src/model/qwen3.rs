@@ -5,7 +5,7 @@
 //! Projections that read the same input are fused at load time (q|k|v and gate|up), so a decode
 //! step runs 4 matrix products per layer instead of 7.
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::{rope, rope_i};
@@ -40,17 +40,8 @@ impl Linear {
             Mat::Quant(parts) => {
                 // candle's quantized kernels take f32 activations.
                 let xf = x.to_dtype(DType::F32)?;
-                let qs: Vec<&QTensor> = parts
-                    .iter()
-                    .filter_map(|p| match p {
-                        QMatMul::QTensor(t) => Some(t.as_ref()),
-                        _ => None,
-                    })
-                    .collect();
-                if qs.len() == parts.len() {
-                    if let Some(y) = crate::qgemv::matmul_xwt(&xf, &qs)? {
-                        return self.add_bias(y.to_dtype(x.dtype())?);
-                    }
+                if let Some(y) = crate::qgemv::matmul_xwt(&xf, parts)? {
+                    return self.add_bias(y.to_dtype(x.dtype())?);
                 }
                 let ys = parts
                     .iter()
