@@ -5,7 +5,9 @@
 Measures, bf16, batch 1 (issue 7's targets):
 - prefill tokens/s of an 8k-token prompt;
 - decode tokens/s at 512 and 4k tokens of context (greedy, 128 steps);
-- kvfast, and with `--baseline DIR` another kvfast build (the "before" of a change) in a
+- kvfast (decode from CUDA graphs of the fused-kernel step), and on the first model the
+  "before" rows: graphs of the candle-op step (KVFAST_FUSED=0) and no graphs
+  (KVFAST_CUDA_GRAPH=0); with `--baseline DIR` another kvfast build (the "before" of a change) in a
   subprocess of the same run; `--per-head` adds `KVFAST_PACKED_CACHE=0` (the per-head loop);
 - transformers eager (dynamic cache) and, last because compiling takes a while, transformers with
   a static cache and `torch.compile(mode="reduce-overhead")`;
@@ -42,6 +44,11 @@ p.add_argument("--decode", type=int, default=128)
 p.add_argument("--compact-contexts", default="1024,2048,4096")
 p.add_argument("--no-compile", action="store_true", help="skip transformers + torch.compile")
 p.add_argument("--per-head", action="store_true", help="also kvfast with KVFAST_PACKED_CACHE=0")
+p.add_argument(
+    "--no-graph-off",
+    action="store_true",
+    help="skip the first model's kvfast 'before' rows (no fused kernels, no CUDA graphs)",
+)
 p.add_argument(
     "--baseline",
     type=Path,
@@ -128,14 +135,23 @@ def kvfast_engine(cfg: Path, packed: bool) -> Any:
     return _native.Engine.random(str(cfg), device=ARGS.device, dtype="bf16")
 
 
-def kvfast_speed(model: str, cfg: Path, packed: bool) -> None:
+def kvfast_speed(
+    model: str, cfg: Path, packed: bool, graph: bool = True, fused: bool = True
+) -> None:
+    """kvfast prefill and decode. The "before" rows of this issue's changes, measured in the
+    same run: `graph=False` decodes without CUDA graphs (KVFAST_CUDA_GRAPH=0), `fused=False`
+    replays graphs of the candle-op step (KVFAST_FUSED=0). Both are read per step."""
+    os.environ["KVFAST_CUDA_GRAPH"] = "1" if graph else "0"
+    os.environ["KVFAST_FUSED"] = "1" if fused else "0"
     e = kvfast_engine(cfg, packed)
     vocab = e.vocab_size
     label = "kvfast" + ("" if packed else " (per-head loop, before)")
+    label += "" if graph else " (no CUDA graph, before)"
+    label += "" if fused else " (graph, no fused kernels, before)"
     e.prefill(prompt(600, vocab), logits="last")  # warm-up: loads every kernel once
     list(e.generate(max_new_tokens=8, eos_ids=[]))
     e.reset()
-    if ARGS.prefill:
+    if ARGS.prefill and graph and fused:
         t0 = time.perf_counter()
         e.prefill(prompt(ARGS.prefill, vocab), logits="last")
         dt = time.perf_counter() - t0
@@ -144,16 +160,35 @@ def kvfast_speed(model: str, cfg: Path, packed: bool) -> None:
     for ctx in ints(ARGS.contexts):
         e.reset()
         e.prefill(prompt(ctx, vocab), logits="last")
+        before = e.decode_info()
         t0 = time.perf_counter()
         n = sum(1 for _ in e.generate(max_new_tokens=ARGS.decode, eos_ids=[]))
         dt = time.perf_counter() - t0
+        info = e.decode_info()
         row(
             model=model,
             engine=label,
             what=f"decode @{ctx}",
             tok_s=n / dt,
             ms_per_token=1e3 * dt / n,
+            graph_captures=info["captures"] - before["captures"],
+            graph_replays=info["replays"] - before["replays"],
+            capture_s=info["capture_seconds"] - before["capture_seconds"],
+            # The same steps without the time spent capturing (steady-state replay speed).
+            tok_s_no_capture=n / (dt - (info["capture_seconds"] - before["capture_seconds"])),
+            graph_error=info["error"],
+            fused=info["fused"],
+            # Replayed steps' wall time (GPU + the two small transfers) per step; the rest of
+            # ms_per_token is host work (sampling, Python, the eager step before a capture).
+            **{
+                f"replay_{part}_ms": 1e3
+                * (info[f"replay_{part}seconds"] - before[f"replay_{part}seconds"])
+                / max(1, info["replays"] - before["replays"])
+                for part in ("", "inputs_", "launch_", "gpu_", "wait_", "copy_")
+            },
         )
+    os.environ["KVFAST_CUDA_GRAPH"] = "1"
+    os.environ["KVFAST_FUSED"] = "1"
     del e
 
 
@@ -362,6 +397,9 @@ def main() -> int:
     for i, model in enumerate(models):
         cfg = config_path(model)
         guarded(f"kvfast {model}", kvfast_speed, model, cfg, True)
+        if i == 0 and not ARGS.no_graph_off:
+            guarded(f"kvfast {model} unfused", kvfast_speed, model, cfg, True, True, False)
+            guarded(f"kvfast {model} no graph", kvfast_speed, model, cfg, True, False)
         if i == 0:
             if ARGS.baseline:
                 guarded("baseline", baseline, model)

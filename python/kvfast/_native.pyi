@@ -144,6 +144,16 @@ class Engine:
         self, layer: int, head: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """One (layer, KV head)'s keys, values `[n, head_dim]` and biases `[n]` (copies)."""
+    def decode_info(self) -> dict[str, Any]:
+        """The CUDA-graph decode path's counters: {"mode": "graph" | "eager" | "off"
+        (KVFAST_CUDA_GRAPH), "setups": int, "captures": int, "replays": int,
+        "static_eager_steps": int, "capture_seconds": float, "replay_seconds": float (wall time
+        of replayed steps, inputs written to logits on the host) and its parts
+        "replay_inputs_seconds", "replay_launch_seconds", "replay_gpu_seconds" (CUDA events),
+        "replay_wait_seconds", "replay_copy_seconds", "fused": bool (the last static
+        step ran the fused CUDA kernels; KVFAST_FUSED), "error": str | None (why graphs were
+        turned off for this engine)}."""
+        ...
     def cache_info(self) -> dict[str, Any]:
         """{"tokens": int, "layers": int, "kv_heads": int, "head_dim": int, "dtype": str,
         "kv_dtype": str | None, "kv_group": int | None,

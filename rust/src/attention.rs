@@ -30,16 +30,35 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
 /// Attention over a packed layer: `k`, `v` `[n_kv, n, d]` (strided views of the layer's
 /// buffers), every head the same length and no bias. Candle ops only, so every backend runs it.
 pub fn attend_packed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let t = q.dim(1)?;
+    let mask = if t > 1 {
+        Some(causal_mask(t, k.dim(1)?, q.device())?)
+    } else {
+        None
+    };
+    attend_masked(q, k, v, scale, mask.as_ref())
+}
+
+/// [`attend_packed`] with an explicit additive f32 `mask` `[t, n]` (None: every key visible).
+/// The static decode step passes a mask computed on the device, so the same launches serve
+/// every cache length up to `n` (see `decode_graph`).
+pub fn attend_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (n_heads, t, d) = q.dims3()?;
     let (n_kv, n, _) = k.dims3()?;
     let g = n_heads / n_kv;
     // Query heads h*g..(h+1)*g share KV head h: stacking them as rows keeps GQA copy-free.
     let q = (q * scale)?.reshape((n_kv, g * t, d))?;
     let mut logits = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-    if t > 1 {
+    if let Some(mask) = mask {
         logits = logits
             .reshape((n_kv, g, t, n))?
-            .broadcast_add(&causal_mask(t, n, q.device())?)?
+            .broadcast_add(mask)?
             .reshape((n_kv, g * t, n))?;
     }
     let p = candle_nn::ops::softmax_last_dim(&logits)?.to_dtype(v.dtype())?;

@@ -289,6 +289,13 @@ impl LayerCache {
         Some((k.narrow(1, 0, len).ok()?, v.narrow(1, 0, len).ok()?))
     }
 
+    /// The whole `[n_kv, capacity, head_dim]` key and value buffers of a packed layer (rows
+    /// past the length are zeros or old tokens, never uninitialised memory) and its length.
+    pub fn packed_buffers(&self) -> Option<(&Tensor, &Tensor, usize)> {
+        let (k, v) = self.packed.as_ref()?;
+        Some((k, v, self.heads.first()?.len))
+    }
+
     /// Appends `k`, `v` `[n_kv, t, head_dim]` (contiguous) to every head of a packed layer.
     fn append_packed(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(1)?;
@@ -412,6 +419,28 @@ impl KvCache {
         for (h, head) in layer.heads.iter_mut().enumerate() {
             head.append(&k.get(h)?, &v.get(h)?)?;
         }
+        Ok(())
+    }
+
+    /// Records `t` tokens that a static decode step (`decode_graph`) wrote straight into every
+    /// layer's packed buffers at the old length: lengths and the position advance, nothing is
+    /// copied. Fails, changing nothing, unless every layer is packed with room for them.
+    pub fn note_written(&mut self, t: usize) -> Result<()> {
+        let fits = |l: &LayerCache| {
+            l.packed_buffers()
+                .is_some_and(|(k, _, len)| k.dim(1).is_ok_and(|cap| len + t <= cap))
+        };
+        if self.quant.is_some() || !self.layers.iter().all(fits) {
+            return Err(Error::invalid(
+                "note_written: the cache is not packed (or full) in every layer",
+            ));
+        }
+        for layer in &mut self.layers {
+            for head in &mut layer.heads {
+                head.len += t;
+            }
+        }
+        self.next_position += t;
         Ok(())
     }
 

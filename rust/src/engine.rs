@@ -11,6 +11,7 @@ use crate::compact::pipeline::{
     HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
 };
 use crate::config::ModelConfig;
+use crate::decode_graph::DecodeGraphs;
 use crate::device::{parse_device, parse_dtype, parse_weight_format};
 use crate::error::{Error, Result};
 use crate::gguf::GgufWeights;
@@ -38,6 +39,8 @@ pub struct Engine {
     /// How many of the newest tokens are still exact in every head (not compacted): the ones
     /// whose queries can be recomputed by re-running them.
     exact_tail: usize,
+    /// The CUDA-graph decode step (see `decode_graph`).
+    pub graphs: DecodeGraphs,
 }
 
 /// What one compaction did (see [`Engine::compact`]).
@@ -150,6 +153,7 @@ impl Engine {
             last_logits: None,
             history: Vec::new(),
             exact_tail: 0,
+            graphs: DecodeGraphs::default(),
         })
     }
 
@@ -170,6 +174,7 @@ impl Engine {
     }
 
     pub fn reset(&mut self) -> Result<()> {
+        self.graphs.clear();
         self.cache.reset()?;
         self.last_logits = None;
         self.history.clear();
@@ -273,7 +278,17 @@ impl Engine {
             Error::invalid("nothing to continue from: the cache is empty; prefill a prompt first")
         })?;
         let id = sampler.sample(logits, &self.history);
-        self.prefill_inner(&[id], LogitsWant::None)?;
+        self.check_ids(&[id])?;
+        match self.graphs.step(&self.model, &mut self.cache, id)? {
+            Some(logits) => {
+                self.history.push(id);
+                self.exact_tail += 1;
+                self.last_logits = Some(logits);
+            }
+            None => {
+                self.prefill_inner(&[id], LogitsWant::None)?;
+            }
+        }
         Ok(id)
     }
 }

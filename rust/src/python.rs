@@ -510,6 +510,27 @@ impl Engine {
         Ok(d)
     }
 
+    /// What the CUDA-graph decode path has done (see `KVFAST_CUDA_GRAPH` in docs/gpu.md).
+    fn decode_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = &self.core.graphs.stats;
+        let d = PyDict::new(py);
+        d.set_item("mode", crate::decode_graph::mode().name())?;
+        d.set_item("setups", s.setups)?;
+        d.set_item("captures", s.captures)?;
+        d.set_item("replays", s.replays)?;
+        d.set_item("static_eager_steps", s.eager_steps)?;
+        d.set_item("capture_seconds", s.capture_seconds)?;
+        d.set_item("replay_seconds", s.replay_seconds)?;
+        d.set_item("replay_inputs_seconds", s.inputs_seconds)?;
+        d.set_item("replay_launch_seconds", s.launch_seconds)?;
+        d.set_item("replay_gpu_seconds", s.gpu_seconds)?;
+        d.set_item("replay_wait_seconds", s.wait_seconds)?;
+        d.set_item("replay_copy_seconds", s.copy_seconds)?;
+        d.set_item("fused", s.fused)?;
+        d.set_item("error", s.error.clone())?;
+        Ok(d)
+    }
+
     fn __repr__(&self) -> String {
         let c = self.core.config();
         format!(

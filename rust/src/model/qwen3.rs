@@ -10,9 +10,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::{rope, rope_i};
 
-use crate::attention::attend;
+use crate::attention::{attend, attend_masked};
 use crate::cache::KvCache;
 use crate::config::ModelConfig;
+use crate::decode_graph::StepIo;
 use crate::error::Result;
 use crate::gemv;
 use crate::model::rope::Rope;
@@ -427,10 +428,132 @@ impl Qwen3 {
         Ok((self.finish(layer, x, &attn)?, q))
     }
 
+    /// Whether every matrix is dense (the static decode step covers no quantized weights).
+    pub fn is_dense(&self) -> bool {
+        let dense = |l: &Linear| matches!(l.w, Mat::Dense(_));
+        dense(&self.embed)
+            && dense(&self.lm_head)
+            && self.layers.iter().all(|l| {
+                [&l.qkv, &l.o_proj, &l.gate_up, &l.down]
+                    .into_iter()
+                    .all(dense)
+            })
+    }
+
+    /// RoPE tables `(cos, sin)` `[t, head_dim / 2]` for positions `start..start + t`.
+    pub fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        self.rope.tables(start, t, self.dtype, &self.device)
+    }
+
+    /// One decode step with fixed shapes and addresses, every per-step value read from
+    /// `io.inputs` on the device (see `decode_graph`): the token's keys and values are scattered
+    /// into `bufs` (each layer's whole packed `[n_kv, capacity, d]` buffers) at row `w`,
+    /// attention covers rows `0..io.span` under a mask that hides rows past `w`, and the f32
+    /// logits land in `io.logits`. Issues no host transfer, so a CUDA graph can capture it.
+    pub fn decode_static(&self, io: &StepIo, bufs: &[(Tensor, Tensor)]) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if crate::fused::available(&io.cos) {
+            return self.decode_fused(io, bufs);
+        }
+        let c = &self.cfg;
+        let (nkv, d) = (c.num_key_value_heads, c.head_dim);
+        let id = io.inputs.narrow(0, 0, 1)?;
+        let row = io.inputs.narrow(0, 1, 1)?;
+        let w = io.inputs.narrow(0, 2, 1)?;
+        let Mat::Dense(embed) = &self.embed.w else {
+            return Err(crate::error::Error::invalid(
+                "decode_static needs dense weights",
+            ));
+        };
+        let mut x = embed.index_select(&id, 0)?.to_dtype(self.dtype)?;
+        let cos = io.cos.index_select(&row, 0)?;
+        let sin = io.sin.index_select(&row, 0)?;
+        let mask = io
+            .rows
+            .broadcast_le(&w)?
+            .where_cond(&io.zeros, &io.neg_inf)?
+            .reshape((1, io.span))?;
+        let at = w
+            .reshape((1, 1, 1))?
+            .broadcast_as((nkv, 1, d))?
+            .contiguous()?;
+        for (layer, (kb, vb)) in self.layers.iter().zip(bufs) {
+            let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
+            kb.scatter_set(&at, &k, 1)?;
+            vb.scatter_set(&at, &v, 1)?;
+            let (ks, vs) = (kb.narrow(1, 0, io.span)?, vb.narrow(1, 0, io.span)?);
+            let attn = attend_masked(&q, &ks, &vs, self.attention_scale(), Some(&mask))?;
+            x = self.finish(layer, &x, &attn)?;
+        }
+        let h = rms_norm(&x, &self.norm, c.rms_norm_eps as f32)?;
+        io.logits.slice_set(&self.logits(&h)?, 0, 0)?;
+        Ok(())
+    }
+
+    /// [`Qwen3::decode_static`] on the fused CUDA kernels (see `fused`): per layer the three
+    /// products and the o-projection stay cuBLAS, everything between them is one kernel each.
+    #[cfg(feature = "cuda")]
+    fn decode_fused(&self, io: &StepIo, bufs: &[(Tensor, Tensor)]) -> Result<()> {
+        use crate::fused;
+        let c = &self.cfg;
+        let eps = c.rms_norm_eps as f32;
+        let Mat::Dense(embed) = &self.embed.w else {
+            return Err(crate::error::Error::invalid(
+                "decode_static needs dense weights",
+            ));
+        };
+        let mut x = embed
+            .index_select(&io.inputs.narrow(0, 0, 1)?, 0)?
+            .to_dtype(self.dtype)?;
+        let mut h = rms_norm(&x, &self.layers[0].input_norm, eps)?;
+        let scale = self.attention_scale() as f32;
+        for (l, (layer, (kb, vb))) in self.layers.iter().zip(bufs).enumerate() {
+            let dims = fused::Dims {
+                n_heads: c.num_attention_heads,
+                n_kv: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                capacity: kb.dim(1)?,
+                eps,
+                interleaved: c.rope_interleaved,
+            };
+            let qkv = row_product(&layer.qkv, &h)?;
+            let q = fused::qkv_rope_store(
+                &qkv,
+                layer.qk_norm.as_ref(),
+                &io.cos,
+                &io.sin,
+                &io.inputs,
+                kb,
+                vb,
+                dims,
+            )?;
+            let attn = fused::attention(&q, kb, vb, &io.inputs, io.span, scale, dims)?;
+            let o = row_product(&layer.o_proj, &attn)?;
+            let (x1, h1) = fused::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
+            let m = fused::silu_mul(&row_product(&layer.gate_up, &h1)?)?;
+            let next = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = fused::add_rms_norm(&x1, &row_product(&layer.down, &m)?, next, eps)?;
+        }
+        let logits = row_product(&self.lm_head, &h)?.to_dtype(DType::F32)?;
+        io.logits.slice_set(&logits, 0, 0)?;
+        Ok(())
+    }
+
     /// f32 logits `[rows, vocab]` for normalised hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
+}
+
+/// One row through `lin` on the fused GEMV kernel where it applies, else [`Linear::forward`].
+#[cfg(feature = "cuda")]
+fn row_product(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    if let Mat::Dense(w) = &lin.w {
+        if let Some(y) = crate::fused::gemv(x, w, lin.b.as_ref())? {
+            return Ok(y);
+        }
+    }
+    lin.forward(x)
 }
 
 /// `x W^T`: the streaming CPU kernel for a few rows (decode), BLAS or candle's GEMM otherwise.

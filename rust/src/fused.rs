@@ -1,0 +1,281 @@
+//! Fused CUDA kernels of the static decode step ([`crate::model::qwen3::Qwen3::decode_static`]).
+//!
+//! Replayed from a CUDA graph, a decode step costs about what its kernels do back to back on
+//! the GPU, and a few microseconds per kernel dominate a small model's step. Per layer these
+//! kernels replace 17 of the candle body's ~27 launches: per-head QK-norm + RoPE + the cache
+//! write (one kernel for ~11 ops), the attention's seven ops (split-K over the span, two
+//! kernels), SwiGLU, and each residual add with the RMSNorm after it. Source:
+//! `kernels/decode.cu`, compiled to PTX by `build.rs`.
+//!
+//! [`available`] says when they apply: CUDA, f32 or bf16, and `KVFAST_FUSED` not `0`. Elsewhere
+//! (CPU, Metal, f16) the step runs the candle-op body, which gives the same results up to
+//! rounding, so no Metal twin is needed.
+
+use candle_core::{DType, Tensor};
+
+/// Keys per split of the attention kernel (one block per query head and split).
+pub const ATTN_CHUNK: usize = 256;
+
+/// Whether the fused kernels serve tensors like `x`.
+pub fn available(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && std::env::var("KVFAST_FUSED").map_or(true, |v| v != "0")
+}
+
+/// Shapes of one layer's decode step.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    /// Rows of the packed cache buffers.
+    pub capacity: usize,
+    pub eps: f32,
+    pub interleaved: bool,
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda::{add_rms_norm, attention, gemv, qkv_rope_store, silu_mul};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::cudarc::driver::{
+        CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda::CudaStorageSlice;
+    use candle_core::{CudaDevice, DType, Storage, Tensor};
+
+    use super::{Dims, ATTN_CHUNK};
+    use crate::error::{Error, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+
+    fn func(dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunction> {
+        let suffix = match dtype {
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            other => {
+                return Err(Error::invalid(format!(
+                    "fused decode kernels take f32 or bf16, not {other:?}"
+                )))
+            }
+        };
+        let f = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "kvfast_decode", PTX)?;
+        Ok(f.into_cuda_function())
+    }
+
+    /// The device address of `t`'s first element; `t` must be contiguous. The caller keeps `t`
+    /// alive across the launch (frees are stream-ordered after it).
+    fn addr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*s else {
+            return Err(Error::invalid("fused decode kernels need CUDA tensors"));
+        };
+        if !l.is_contiguous() {
+            return Err(Error::invalid(
+                "fused decode kernels need contiguous tensors",
+            ));
+        }
+        let (base, size) = match &cs.slice {
+            CudaStorageSlice::F32(x) => (x.device_ptr(stream).0, 4),
+            CudaStorageSlice::BF16(x) => (x.device_ptr(stream).0, 2),
+            CudaStorageSlice::U32(x) => (x.device_ptr(stream).0, 4),
+            _ => return Err(Error::invalid("fused decode kernels take f32, bf16 or u32")),
+        };
+        Ok(base + (l.start_offset() * size) as u64)
+    }
+
+    fn cuda(t: &Tensor) -> Result<CudaDevice> {
+        Ok(t.device().as_cuda_device()?.clone())
+    }
+
+    fn cfg(grid: (usize, usize), block: usize, shared_floats: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+            block_dim: (block as u32, 1, 1),
+            shared_mem_bytes: (shared_floats * 4) as u32,
+        }
+    }
+
+    /// One token's `qkv` row `[1, (nh + 2 nkv) d]` -> queries `[nh, d]` after QK-norm (when
+    /// `norms` is given) and RoPE (row `inputs[1]` of `cos`/`sin`); the key (normed, rotated)
+    /// and value are written into `kbuf`/`vbuf` `[nkv, capacity, d]` at row `inputs[2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_rope_store(
+        qkv: &Tensor,
+        norms: Option<&(Tensor, Tensor)>,
+        cos: &Tensor,
+        sin: &Tensor,
+        inputs: &Tensor,
+        kbuf: &Tensor,
+        vbuf: &Tensor,
+        dims: Dims,
+    ) -> Result<Tensor> {
+        let dev = cuda(qkv)?;
+        let stream = dev.cuda_stream();
+        let (nh, nkv, d) = (dims.n_heads, dims.n_kv, dims.head_dim);
+        let q = unsafe { Tensor::empty((nh, d), qkv.dtype(), qkv.device())? };
+        let f = func(&dev, "qkv_rope_store", qkv.dtype())?;
+        let (qn, kn) = match norms {
+            Some((qn, kn)) => (addr(qn, &stream)?, addr(kn, &stream)?),
+            None => (0, 0),
+        };
+        let ptrs = [
+            addr(qkv, &stream)?,
+            qn,
+            kn,
+            addr(cos, &stream)?,
+            addr(sin, &stream)?,
+            addr(inputs, &stream)?,
+            addr(&q, &stream)?,
+            addr(kbuf, &stream)?,
+            addr(vbuf, &stream)?,
+        ];
+        let has_norm = norms.is_some() as i32;
+        let (nh_, nkv_, d_, cap) = (nh as i32, nkv as i32, d as i32, dims.capacity as i32);
+        let interleaved = dims.interleaved as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&ptrs[0]).arg(&ptrs[1]).arg(&ptrs[2]).arg(&has_norm);
+        for p in &ptrs[3..] {
+            b.arg(p);
+        }
+        b.arg(&nh_)
+            .arg(&nkv_)
+            .arg(&d_)
+            .arg(&cap)
+            .arg(&dims.eps)
+            .arg(&interleaved);
+        let block = d.div_ceil(32) * 32;
+        unsafe { b.launch(cfg((nh + 2 * nkv, 1), block, d + 32)) }.map_err(driver)?;
+        Ok(q)
+    }
+
+    /// Attention of `q` `[nh, d]` over rows `0..=inputs[2]` of `kbuf`/`vbuf` `[nkv, cap, d]`
+    /// (GQA: query head h reads KV head h / (nh / nkv)); `span` bounds the rows a graph may
+    /// ever cover. Returns `[1, nh * d]`.
+    pub fn attention(
+        q: &Tensor,
+        kbuf: &Tensor,
+        vbuf: &Tensor,
+        inputs: &Tensor,
+        span: usize,
+        scale: f32,
+        dims: Dims,
+    ) -> Result<Tensor> {
+        let dev = cuda(q)?;
+        let stream = dev.cuda_stream();
+        let (nh, d) = (dims.n_heads, dims.head_dim);
+        let splits = span.div_ceil(ATTN_CHUNK).max(1);
+        let part = unsafe { Tensor::empty((nh, splits, d + 2), DType::F32, q.device())? };
+        let out = unsafe { Tensor::empty((1, nh * d), q.dtype(), q.device())? };
+        let ptrs = [
+            addr(q, &stream)?,
+            addr(kbuf, &stream)?,
+            addr(vbuf, &stream)?,
+            addr(inputs, &stream)?,
+            addr(&part, &stream)?,
+        ];
+        let (g, d_, cap) = ((nh / dims.n_kv) as i32, d as i32, dims.capacity as i32);
+        let (chunk, n_splits) = (ATTN_CHUNK as i32, splits as i32);
+        let f = func(&dev, "attn_partial", q.dtype())?;
+        let mut b = stream.launch_builder(&f);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&g)
+            .arg(&d_)
+            .arg(&cap)
+            .arg(&chunk)
+            .arg(&scale)
+            .arg(&n_splits);
+        unsafe { b.launch(cfg((nh, splits), 128, d + ATTN_CHUNK + 32)) }.map_err(driver)?;
+        let (part_p, out_p) = (ptrs[4], addr(&out, &stream)?);
+        let f = func(&dev, "attn_combine", q.dtype())?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&part_p).arg(&out_p).arg(&d_).arg(&n_splits);
+        unsafe { b.launch(cfg((nh, 1), 128, 0)) }.map_err(driver)?;
+        Ok(out)
+    }
+
+    /// `x W^T (+ b)` for one row `x` `[1, k]` and `W` `[n, k]` (the checkpoint's layout, so each
+    /// output reads one contiguous row): one warp per output, 16-byte loads. None when the
+    /// shapes or alignment do not suit it (the caller uses cuBLAS). cuBLAS's GEMM for one row
+    /// ran these products at a small fraction of the memory bandwidth (docs/gpu.md).
+    pub fn gemv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let dev = cuda(x)?;
+        let stream = dev.cuda_stream();
+        let (n, k) = w.dims2()?;
+        let size = x.dtype().size_in_bytes();
+        let fits = x.dims() == [1, k]
+            && x.is_contiguous()
+            && w.dtype() == x.dtype()
+            && w.is_contiguous()
+            && k % (16 / size) == 0
+            && k * size <= 48 * 1024;
+        if !fits {
+            return Ok(None);
+        }
+        let wp = addr(w, &stream)?;
+        if wp % 16 != 0 {
+            return Ok(None);
+        }
+        let y = unsafe { Tensor::empty((1, n), x.dtype(), x.device())? };
+        let bias = match b {
+            Some(b) => addr(b, &stream)?,
+            None => 0,
+        };
+        let (xp, yp) = (addr(x, &stream)?, addr(&y, &stream)?);
+        let (n_, k_) = (n as i32, k as i32);
+        let f = func(&dev, "gemv", x.dtype())?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&xp).arg(&wp).arg(&bias).arg(&yp).arg(&n_).arg(&k_);
+        unsafe { l.launch(cfg((n.div_ceil(8), 1), 256, (k * size).div_ceil(4))) }
+            .map_err(driver)?;
+        Ok(Some(y))
+    }
+
+    /// SwiGLU of one row: `gu` `[1, 2f]` (gate | up) -> `[1, f]`.
+    pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+        let dev = cuda(gu)?;
+        let stream = dev.cuda_stream();
+        let f = gu.dim(1)? / 2;
+        let out = unsafe { Tensor::empty((1, f), gu.dtype(), gu.device())? };
+        let (src, dst, n) = (addr(gu, &stream)?, addr(&out, &stream)?, f as i32);
+        let k = func(&dev, "silu_mul", gu.dtype())?;
+        let mut b = stream.launch_builder(&k);
+        b.arg(&src).arg(&dst).arg(&n);
+        unsafe { b.launch(cfg((f.div_ceil(256), 1), 256, 0)) }.map_err(driver)?;
+        Ok(out)
+    }
+
+    /// One row's residual add and the RMSNorm after it: `(x + y, rmsnorm(x + y) * w)`.
+    pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        let dev = cuda(x)?;
+        let stream = dev.cuda_stream();
+        let n = x.elem_count();
+        let xo = unsafe { Tensor::empty(x.shape(), x.dtype(), x.device())? };
+        let ho = unsafe { Tensor::empty(x.shape(), x.dtype(), x.device())? };
+        let ptrs = [
+            addr(x, &stream)?,
+            addr(y, &stream)?,
+            addr(w, &stream)?,
+            addr(&xo, &stream)?,
+            addr(&ho, &stream)?,
+        ];
+        let n_ = n as i32;
+        let k = func(&dev, "add_rms_norm", x.dtype())?;
+        let mut b = stream.launch_builder(&k);
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&n_).arg(&eps);
+        unsafe { b.launch(cfg((1, 1), n.div_ceil(32).min(32) * 32, 0)) }.map_err(driver)?;
+        Ok((xo, ho))
+    }
+
+    fn driver(e: candle_core::cuda::cudarc::driver::DriverError) -> Error {
+        Error::invalid(format!("fused decode kernel launch: {e}"))
+    }
+}
