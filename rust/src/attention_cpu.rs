@@ -12,6 +12,9 @@ use crate::error::Result;
 use crate::gemv::{dot_generic, Widen};
 use crate::kv_quant::QuantRows;
 
+#[cfg(target_arch = "x86_64")]
+mod grouped;
+
 /// Largest number of new tokens served by this kernel; longer chunks use the GEMM path.
 pub const MAX_NEW_TOKENS: usize = 8;
 
@@ -24,6 +27,14 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Option<Tenso
     let n_kv = layer.heads.len();
     let g = nh / n_kv;
     let qf = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    #[cfg(target_arch = "x86_64")]
+    if t == 1 && d % 32 == 0 && crate::gemv::simd() && grouped::enabled() {
+        if let Some(out) = grouped::attend(&qf, layer, g, d, scale as f32)? {
+            return Ok(Some(
+                Tensor::from_vec(out, (nh, t, d), q.device())?.to_dtype(q.dtype())?,
+            ));
+        }
+    }
     let mut out = vec![0f32; nh * t * d];
     // One task per KV head when there are enough of them for the pool, else one per query head
     // (re-reading the shared K/V from cache): SmolLM2's 3 KV heads on 2 threads left one idle
@@ -44,17 +55,19 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Option<Tenso
     ))
 }
 
-/// `q`: `t` query rows of one or more query heads of the group (head-major), `out`: same shape.
-fn head_attend(
-    q: &[f32],
+/// A head's full-precision keys and values as stored.
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32], &'a [f32]),
+    BF16(&'a [half::bf16], &'a [half::bf16]),
+    F16(&'a [half::f16], &'a [half::f16]),
+}
+
+/// Calls `f` with `head`'s dense key/value rows and its live bias (None when all zero).
+pub(crate) fn with_rows<R>(
     head: &HeadCache,
-    t: usize,
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<()> {
+    f: impl FnOnce(Rows<'_>, Option<&[f32]>) -> R,
+) -> Result<R> {
     let n = head.len();
-    // The bias is read in place (this runs once per head or query head of every decode step).
     let bias_t = head.bias()?;
     let (bs, bl) = bias_t.storage_and_layout();
     let b = match (&*bs, head.has_bias()) {
@@ -66,33 +79,51 @@ fn head_attend(
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (k0, v0) = (kl.start_offset(), vl.start_offset());
-    let args = Args {
-        t,
-        d,
-        n,
-        scale,
-        bias: b,
-        quant: head.quantized().filter(|q| !q.is_empty()),
-    };
-    // Full-precision rows: the newest `n - quantized` tokens.
-    let n = head.dense_len();
-    match (&*ks, &*vs) {
+    let m = head.dense_len() * k.dim(1)?;
+    let rows = match (&*ks, &*vs) {
         (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
+            Rows::F32(&k[k0..k0 + m], &v[v0..v0 + m])
         }
         (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
+            Rows::BF16(&k[k0..k0 + m], &v[v0..v0 + m])
         }
         (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
-            dispatch(&args, q, &k[k0..k0 + n * d], &v[v0..v0 + n * d], out)
+            Rows::F16(&k[k0..k0 + m], &v[v0..v0 + m])
         }
         _ => {
             return Err(
                 candle_core::Error::Msg("cpu attention: unsupported cache storage".into()).into(),
             )
         }
-    }
-    Ok(())
+    };
+    Ok(f(rows, b))
+}
+
+/// `q`: `t` query rows of one or more query heads of the group (head-major), `out`: same shape.
+fn head_attend(
+    q: &[f32],
+    head: &HeadCache,
+    t: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let quant = head.quantized().filter(|q| !q.is_empty());
+    with_rows(head, |rows, bias| {
+        let args = Args {
+            t,
+            d,
+            n: head.len(),
+            scale,
+            bias,
+            quant,
+        };
+        match rows {
+            Rows::F32(k, v) => dispatch(&args, q, k, v, out),
+            Rows::BF16(k, v) => dispatch(&args, q, k, v, out),
+            Rows::F16(k, v) => dispatch(&args, q, k, v, out),
+        }
+    })
 }
 
 struct Args<'a> {
