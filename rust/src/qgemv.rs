@@ -1,5 +1,5 @@
-//! CPU kernel for `y = x W^T` with `W` in a GGUF block format (Q4_0, Q4_1, Q8_0), for decode
-//! and prefill alike.
+//! CPU kernel for `y = x W^T` with `W` in a GGUF block format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
+//! for decode and prefill alike.
 //!
 //! As llama.cpp does, `x` is quantized once per call to 8-bit blocks of 32 (one scale each), so
 //! a weight block's contribution is an integer dot product of 32 codes (AVX2 `maddubs`) times
@@ -39,14 +39,19 @@ enum Format {
     Q4_0 = F_Q4_0,
     Q4_1 = F_Q4_1,
     Q8_0 = F_Q8_0,
+    Q5_0 = F_Q5_0,
+    Q5_1 = F_Q5_1,
 }
 
 /// Format tags for the const-generic kernels (one instantiation per format, no branch per block).
 const F_Q4_0: u8 = 0;
 const F_Q4_1: u8 = 1;
 const F_Q8_0: u8 = 2;
-/// Bytes per block of 32 weights, by tag (ggml's layout: f16 scale, [f16 minimum], codes).
-const BLOCK_BYTES: [usize; 3] = [18, 20, 34];
+const F_Q5_0: u8 = 3;
+const F_Q5_1: u8 = 4;
+/// Bytes per block of 32 weights, by tag (ggml's layout: f16 scale, [f16 minimum], [the 32
+/// fifth bits], codes).
+const BLOCK_BYTES: [usize; 5] = [18, 20, 34, 22, 24];
 
 impl Format {
     fn of(d: GgmlDType) -> Option<Self> {
@@ -54,6 +59,8 @@ impl Format {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             _ => None,
         }
     }
@@ -152,24 +159,33 @@ fn dot_scalar(fmt: Format, w: &[u8], xb: &[XBlock]) -> f32 {
                     .sum();
                 acc += d * x.d * s as f32;
             }
-            Format::Q4_0 | Format::Q4_1 => {
-                let qs = if fmt == Format::Q4_0 {
-                    &blk[2..]
-                } else {
-                    &blk[4..]
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => {
+                let (qs, qh) = match fmt {
+                    Format::Q4_0 => (&blk[2..], 0),
+                    Format::Q4_1 => (&blk[4..], 0),
+                    Format::Q5_0 => (
+                        &blk[6..],
+                        u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
+                    ),
+                    _ => (
+                        &blk[8..],
+                        u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]),
+                    ),
                 };
-                // Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+                // Byte j holds weight j (low nibble) and weight j + 16 (high nibble); bit i of
+                // `qh` is weight i's fifth bit.
+                let code = |i: usize, nib: u8| (nib as i32) | ((((qh >> i) & 1) as i32) << 4);
                 let s: i32 = (0..QK / 2)
                     .map(|j| {
-                        (qs[j] & 0xf) as i32 * x.q[j] as i32
-                            + (qs[j] >> 4) as i32 * x.q[j + QK / 2] as i32
+                        code(j, qs[j] & 0xf) * x.q[j] as i32
+                            + code(j + QK / 2, qs[j] >> 4) * x.q[j + QK / 2] as i32
                     })
                     .sum();
                 acc += d * x.d * s as f32;
-                acc += if fmt == Format::Q4_0 {
-                    -8.0 * d * x.ds
-                } else {
-                    f16_at(blk, 2) * x.ds
+                acc += match fmt {
+                    Format::Q4_0 => -8.0 * d * x.ds,
+                    Format::Q5_0 => -16.0 * d * x.ds,
+                    _ => f16_at(blk, 2) * x.ds,
                 };
             }
         }
@@ -196,6 +212,8 @@ unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, o
         Format::Q4_0 => rows_avx2_f::<F_Q4_0>(w, xb, kb, m, out),
         Format::Q4_1 => rows_avx2_f::<F_Q4_1>(w, xb, kb, m, out),
         Format::Q8_0 => rows_avx2_f::<F_Q8_0>(w, xb, kb, m, out),
+        Format::Q5_0 => rows_avx2_f::<F_Q5_0>(w, xb, kb, m, out),
+        Format::Q5_1 => rows_avx2_f::<F_Q5_1>(w, xb, kb, m, out),
     }
 }
 
@@ -271,14 +289,28 @@ unsafe fn unpack<const F: u8>(blk: *const u8) -> WBlock {
         };
     }
     let low4 = _mm_set1_epi8(0xf);
-    let qs = _mm_loadu_si128(blk.add(if F == F_Q4_0 { 2 } else { 4 }) as _);
+    let codes_at = match F {
+        F_Q4_0 => 2,
+        F_Q4_1 => 4,
+        F_Q5_0 => 6,
+        _ => 8,
+    };
+    let qs = _mm_loadu_si128(blk.add(codes_at) as _);
     let lo = _mm_and_si128(qs, low4);
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low4);
-    let u = _mm256_set_m128i(hi, lo);
-    let shift = if F == F_Q4_0 {
-        -8.0 * d
-    } else {
-        f16_load(blk.add(2))
+    let mut u = _mm256_set_m128i(hi, lo);
+    if F == F_Q5_0 || F == F_Q5_1 {
+        // Byte i of `u` is weight i: add 16 where bit i of the block's fifth bits is set.
+        let qh = std::ptr::read_unaligned(blk.add(codes_at - 4) as *const u32);
+        u = _mm256_or_si256(
+            u,
+            _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)),
+        );
+    }
+    let shift = match F {
+        F_Q4_0 => -8.0 * d,
+        F_Q5_0 => -16.0 * d,
+        _ => f16_load(blk.add(2)),
     };
     WBlock {
         u,
@@ -286,6 +318,26 @@ unsafe fn unpack<const F: u8>(blk: *const u8) -> WBlock {
         d,
         shift,
     }
+}
+
+/// 0xff in byte i where bit i of `bits` is set, 0 elsewhere.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits_to_bytes(bits: u32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // Byte i takes byte i / 8 of `bits`, then is all ones iff its own bit (i % 8) is set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi64x(
+            0,
+            0x0101010101010101,
+            0x0202020202020202,
+            0x0303030303030303,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
 }
 
 /// The 8 partial sums of `code_w * code_x` over one block, as f32.
@@ -405,7 +457,13 @@ mod tests {
             panic!("this test needs an x86-64 CPU with AVX2/FMA/F16C (the kernel's target)");
         }
         let dev = Device::Cpu;
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             for (m, n, k) in [(1usize, 70usize, 64usize), (6, 33, 576), (40, 128, 256)] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 let q = Arc::new(QTensor::quantize(&w, dt)?);
@@ -441,9 +499,9 @@ mod tests {
             }
         }
         // Not served: a format without a kernel here, or a dequantized part.
-        let zeros = Tensor::zeros((4, 32), DType::F32, &dev)?;
-        let q = QTensor::quantize(&zeros, GgmlDType::Q5_0)?;
-        let x = Tensor::zeros((1, 32), DType::F32, &dev)?;
+        let zeros = Tensor::zeros((4, 256), DType::F32, &dev)?;
+        let q = QTensor::quantize(&zeros, GgmlDType::Q6K)?;
+        let x = Tensor::zeros((1, 256), DType::F32, &dev)?;
         assert!(matmul_xwt(&x, &[QMatMul::QTensor(Arc::new(q))])?.is_none());
         assert!(matmul_xwt(&x, &[QMatMul::Tensor(zeros)])?.is_none());
         Ok(())
