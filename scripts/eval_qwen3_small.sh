@@ -11,9 +11,8 @@ OUT=${1:-docs/results/eval-qwen3-small}
 RUNS="$OUT/runs"
 M=(--model "$SHARED/models/qwen3-small")
 MAIN=full,am,kvzip,snapkv,h2o,streaming,tova,random
-# Attention Matching's other query source and head-budget policies (needle and PPL at every
-# ratio, fidelity at 8x); the calibrated profile is measured on Moby-Dick, not on the
-# evaluation texts.
+# Attention Matching's other query source and head-budget policies (needle, PPL and fidelity
+# at every ratio); the calibrated profile is measured on Moby-Dick, not on the evaluation texts.
 PROFILE="$RUNS/budgets-calibrated.json"
 mkdir -p "$RUNS"
 [ -f "$PROFILE" ] || kvfast calibrate-budgets "${M[@]}" --context python/kvfast/data/moby_dick_ch1.txt \
@@ -32,7 +31,7 @@ $E ppl "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/da
   --context 2048 --continuation 256 --windows 2 --out "$RUNS/ppl-am-variants"
 $E fidelity "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity"
-$E fidelity "${M[@]}" --methods full,$AM_VARIANTS --ratios 8 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
+$E fidelity "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity-am-variants"
 $E qa "${M[@]}" --methods full,am,kvzip,snapkv,streaming --ratios 4,16 --mode both \
   --data "$SHARED/data/ruler/squad.json" --length 1024 --cases 8 --out "$RUNS/qa"

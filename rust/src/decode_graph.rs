@@ -3,7 +3,7 @@
 //! Why: on a GPU a decode step of a small model is bound by kernel launches, not memory (a
 //! Qwen3-0.6B step issues ~600 candle ops at 8-10 us of host time each, while its 1.2 GB of
 //! weights take ~0.3 ms to read). A CUDA graph records the step's launches once and replays
-//! them with one call.
+//! them with one call: on an H200, 0.6B decode went from 157-228 to 341-368 tok/s (docs/gpu.md).
 //!
 //! A graph replays the exact kernels, shapes and addresses it recorded, so the step
 //! ([`Qwen3::decode_static`]) is written to keep all of them fixed while the cache grows:
