@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/results/eval-qwen3-small/ (the committed `kvfast eval report` page) on CPU.
-# Needs ../shared (qwen3-small, WikiText-2, the RULER essays and SQuAD). About 75 minutes on 2
+# Needs ../shared (qwen3-small, WikiText-2, the RULER essays and SQuAD). About 2 hours on 2
 # cores; every command resumes from its results.json if interrupted.
 #
 # Usage: bash scripts/eval_qwen3_small.sh [OUT]   (default OUT: docs/results/eval-qwen3-small)
@@ -25,6 +25,8 @@ $E needle "${M[@]}" --methods $MAIN --ratios $RATIOS --haystack "$SHARED/data/ru
   --lengths 2048 --depths 0.25,0.75 --cases 3 --out "$RUNS/needle"
 $E needle "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
   --lengths 2048 --depths 0.25,0.75 --cases 3 --out "$RUNS/needle-am-variants"
+$E needle "${M[@]}" --methods $MAIN --ratios $RATIOS --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
+  --lengths 2048 --depths 0.25,0.75 --tasks multikey,multivalue --cases 3 --out "$RUNS/needle-multi"
 $E ppl "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 2048 --continuation 256 --windows 2 --out "$RUNS/ppl"
 $E ppl "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
@@ -33,9 +35,9 @@ $E fidelity "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wiki
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity"
 $E fidelity "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity-am-variants"
-$E qa "${M[@]}" --methods full,am,kvzip,snapkv,streaming --ratios 4,16 --mode both \
+$E qa "${M[@]}" --methods full,am,kvzip,snapkv,streaming --ratios $RATIOS --mode both \
   --data "$SHARED/data/ruler/squad.json" --length 1024 --cases 8 --out "$RUNS/qa"
 $E speed "${M[@]}" --methods full,am,am:queries=repeat,kvzip,streaming --ratios 8 \
   --text "$SHARED/data/wikitext-2/wiki.test.raw" --lengths 512,1024,2048 --decode 32 --out "$RUNS/speed"
-$E report "$RUNS"/needle "$RUNS"/needle-am-variants "$RUNS"/ppl "$RUNS"/ppl-am-variants \
+$E report "$RUNS"/needle "$RUNS"/needle-am-variants "$RUNS"/needle-multi "$RUNS"/ppl "$RUNS"/ppl-am-variants \
   "$RUNS"/fidelity "$RUNS"/fidelity-am-variants "$RUNS"/qa "$RUNS"/speed --out "$OUT" --title "kvfast evaluation: qwen3-small on CPU"
