@@ -150,12 +150,23 @@ pub(crate) fn untranspose(t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return t;
     }
+    // Blocks of 32 output rows in parallel, each filled in 32-column tiles so reads and writes
+    // both stay in cache (the plain double loop was 8.5% of a GGUF prefill, on one thread).
+    const B: usize = 32;
     let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = t[j * m + i];
-        }
-    }
+    out.par_chunks_mut(B * n)
+        .enumerate()
+        .for_each(|(bi, rows)| {
+            let (i0, nr) = (bi * B, rows.len() / n);
+            for j0 in (0..n).step_by(B) {
+                for j in j0..(j0 + B).min(n) {
+                    let col = &t[j * m + i0..j * m + i0 + nr];
+                    for (i, &x) in col.iter().enumerate() {
+                        rows[i * n + j] = x;
+                    }
+                }
+            }
+        });
     out
 }
 
