@@ -20,8 +20,10 @@ use crate::error::Result;
 use crate::gemv::Widen;
 
 /// Whether this path is on (`KVFAST_GROUPED_ATTENTION=0` keeps the per-head kernel, to compare).
+/// Read once: this runs per layer and token.
 pub fn enabled() -> bool {
-    std::env::var("KVFAST_GROUPED_ATTENTION").map_or(true, |v| v != "0")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVFAST_GROUPED_ATTENTION").map_or(true, |v| v != "0"))
 }
 
 /// Fewest keys per range: below this, splitting costs more than it balances.

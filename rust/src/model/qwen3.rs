@@ -308,16 +308,20 @@ impl Qwen3 {
     /// Embeddings of `ids` in the compute dtype and the RoPE tables of their positions, which
     /// start at `start`.
     fn embed_tokens(&self, ids: &[u32], start: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let idx = Tensor::new(ids, &self.device)?;
-        let x = match &self.embed.w {
-            Mat::Dense(t) => t.index_select(&idx, 0)?,
-            Mat::Quant(parts) => parts[0].embedding(&idx)?,
-        };
-        let x = x.to_dtype(self.dtype)?;
+        let x = self.embed(&Tensor::new(ids, &self.device)?)?;
         let (cos, sin) = self
             .rope
             .tables(start, ids.len(), self.dtype, &self.device)?;
         Ok((x, cos, sin))
+    }
+
+    /// Embedding rows of the u32 ids in `idx` (on the model device), in the compute dtype.
+    fn embed(&self, idx: &Tensor) -> Result<Tensor> {
+        let x = match &self.embed.w {
+            Mat::Dense(t) => t.index_select(idx, 0)?,
+            Mat::Quant(parts) => parts[0].embedding(idx)?,
+        };
+        Ok(x.to_dtype(self.dtype)?)
     }
 
     /// Runs `ids` layer by layer (all tokens through layer `l` before layer `l + 1`) and calls
@@ -460,12 +464,7 @@ impl Qwen3 {
         let id = io.inputs.narrow(0, 0, 1)?;
         let row = io.inputs.narrow(0, 1, 1)?;
         let w = io.inputs.narrow(0, 2, 1)?;
-        let Mat::Dense(embed) = &self.embed.w else {
-            return Err(crate::error::Error::invalid(
-                "decode_static needs dense weights",
-            ));
-        };
-        let mut x = embed.index_select(&id, 0)?.to_dtype(self.dtype)?;
+        let mut x = self.embed(&id)?;
         let cos = io.cos.index_select(&row, 0)?;
         let sin = io.sin.index_select(&row, 0)?;
         let mask = io
@@ -497,25 +496,19 @@ impl Qwen3 {
         use crate::fused;
         let c = &self.cfg;
         let eps = c.rms_norm_eps as f32;
-        let Mat::Dense(embed) = &self.embed.w else {
-            return Err(crate::error::Error::invalid(
-                "decode_static needs dense weights",
-            ));
-        };
-        let mut x = embed
-            .index_select(&io.inputs.narrow(0, 0, 1)?, 0)?
-            .to_dtype(self.dtype)?;
+        let mut x = self.embed(&io.inputs.narrow(0, 0, 1)?)?;
         let mut h = rms_norm(&x, &self.layers[0].input_norm, eps)?;
         let scale = self.attention_scale() as f32;
+        // Every layer's packed buffers have the same capacity (one length, one growth).
+        let dims = fused::Dims {
+            n_heads: c.num_attention_heads,
+            n_kv: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            capacity: bufs[0].0.dim(1)?,
+            eps,
+            interleaved: c.rope_interleaved,
+        };
         for (l, (layer, (kb, vb))) in self.layers.iter().zip(bufs).enumerate() {
-            let dims = fused::Dims {
-                n_heads: c.num_attention_heads,
-                n_kv: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                capacity: kb.dim(1)?,
-                eps,
-                interleaved: c.rope_interleaved,
-            };
             let qkv = row_product(&layer.qkv, &h)?;
             let q = fused::qkv_rope_store(
                 &qkv,
