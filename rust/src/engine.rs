@@ -5,17 +5,18 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerCache};
 use crate::compact::pipeline::{
-    apply_layer, global_counts, score_layer, shared_selection, uniform_counts, HeadBudgets,
-    HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
+    apply_layer, global_counts, score_layer, scored_from_pass, shared_selection, uniform_counts,
+    HeadBudgets, HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
 };
+use crate::compact::score_pass::ScoringPass;
 use crate::config::ModelConfig;
 use crate::decode_graph::DecodeGraphs;
 use crate::device::{parse_device, parse_dtype, parse_weight_format};
 use crate::error::{Error, Result};
 use crate::gguf::GgufWeights;
-use crate::model::qwen3::Qwen3;
+use crate::model::qwen3::{AttentionFn, Qwen3};
 use crate::sample::Sampler;
 use crate::weights::{RandomWeights, Weights};
 
@@ -441,11 +442,27 @@ impl Engine {
     /// Runs `ids` on top of the cache capturing every layer's queries `[n_heads, s, d]`; the
     /// tokens stay in the cache.
     fn capture(&mut self, ids: &[u32]) -> Result<Vec<Tensor>> {
+        self.capture_scored(ids, None)
+    }
+
+    /// [`Engine::capture`] whose attention also scores every key into `scoring`.
+    fn capture_scored(
+        &mut self,
+        ids: &[u32],
+        mut scoring: Option<&mut ScoringPass>,
+    ) -> Result<Vec<Tensor>> {
         let mut per_layer: Vec<Vec<Tensor>> = vec![Vec::new(); self.cache.n_layers()];
         for chunk in ids.chunks(PREFILL_CHUNK) {
             let mut qs = Vec::new();
-            self.model
-                .forward_capture(chunk, &mut self.cache, Some(&mut qs))?;
+            let mut attention = scoring
+                .as_deref_mut()
+                .map(|p| move |l: usize, q: &Tensor, layer: &LayerCache| p.attend(l, q, layer));
+            self.model.forward_with(
+                chunk,
+                &mut self.cache,
+                Some(&mut qs),
+                attention.as_mut().map(|f| f as &mut AttentionFn<'_>),
+            )?;
             for (l, q) in qs.into_iter().enumerate() {
                 per_layer[l].push(q);
             }
@@ -508,22 +525,28 @@ impl Engine {
 
         // Off-policy reference queries: the context's own tail (re-run in place), or the
         // repeat suffix (left in the cache until the end).
+        // On the CPU the global budgets' scores come from this pass's own attention (one
+        // product per head, not two); elsewhere its queries are scored afterwards.
         let mut queries: Option<Vec<Tensor>> = None;
+        let mut pass = (global_needed && self.model.device().is_cpu()).then(|| {
+            let (n_kv, entropy) = (
+                self.cache.n_kv_heads(),
+                opts.head_budgets == HeadBudgets::Entropy,
+            );
+            ScoringPass::new(n_layers, n_kv, opts.pool(), entropy, scale)
+        });
         if needs && (!on_policy || global_needed) {
             let t0 = clock();
-            queries = Some(match tail {
+            let ids = match tail {
                 Some(w) => {
                     let ids = self.history[self.history.len() - w..].to_vec();
                     self.cache.truncate_last(w)?;
-                    query_tokens = w;
-                    self.capture(&ids)?
+                    ids
                 }
-                None => {
-                    let s = suffix.expect("validated");
-                    query_tokens = s.len();
-                    self.capture(s)?
-                }
-            });
+                None => suffix.expect("validated").to_vec(),
+            };
+            query_tokens = ids.len();
+            queries = Some(self.capture_scored(&ids, pass.as_mut())?);
             t_queries += t0.elapsed().as_secs_f64();
         }
         let t0 = clock();
@@ -533,6 +556,9 @@ impl Engine {
                 .map(|l| {
                     if !layers.contains(&l) {
                         return Ok(Vec::new());
+                    }
+                    if let Some(p) = pass.as_mut() {
+                        return Ok(scored_from_pass(p.finish_layer(l), extra, opts));
                     }
                     let lq = LayerQueries {
                         q: &qs[l],

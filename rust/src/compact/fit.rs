@@ -10,10 +10,11 @@
 //! query's row is one contiguous column.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::prelude::ReborrowMut;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::compact::solve::{
-    box_lstsq, cholesky_solve, mean_diag, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls,
+    box_lstsq, cholesky_solve, gram, mean_diag, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls,
 };
 use crate::error::{Error, Result};
 
@@ -115,27 +116,58 @@ pub struct HeadData<'a> {
 
 /// Transposed logits `[n, m]`: column `r` holds `q_r . k_j * scale + b_j` for every key `j`.
 pub fn logits_t(q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) -> Mat<f32> {
+    let mut l = Mat::<f32>::zeros(k.len() / d, q.len() / d);
+    logits_into(l.as_mut(), q, k, bias, d, scale);
+    l
+}
+
+/// [`logits_t`] into `out`, resized to `n * m` and column-major (a buffer reused across
+/// query chunks costs no allocation, zeroing or page faults).
+pub fn logits_t_into(out: &mut Vec<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) {
     let (m, n) = (q.len() / d, k.len() / d);
+    // Every entry is overwritten by the product, so the fill value of a growing buffer is moot.
+    out.resize(n * m, 0.0);
+    logits_into(
+        MatMut::from_column_major_slice_mut(out, n, m),
+        q,
+        k,
+        bias,
+        d,
+        scale,
+    );
+}
+
+fn logits_into(mut out: MatMut<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) {
+    let (n, m) = out.shape();
     let kr = MatRef::from_row_major_slice(k, n, d);
     let qt = MatRef::from_column_major_slice(q, d, m);
-    let mut l = Mat::<f32>::zeros(n, m);
-    matmul(l.as_mut(), Accum::Replace, kr, qt, scale, Par::Seq);
+    matmul(
+        out.rb_mut(),
+        Accum::Replace,
+        kr,
+        qt,
+        scale,
+        crate::compact::par(),
+    );
     if bias.iter().any(|&b| b != 0.0) {
         for r in 0..m {
-            l.col_as_slice_mut(r)
+            out.rb_mut()
+                .col_mut(r)
                 .iter_mut()
                 .zip(bias)
                 .for_each(|(x, b)| *x += b);
         }
     }
-    l
 }
 
 /// The reference attention of the queries over one block of keys: `e[:, r] = exp(logit - max_r)`
 /// (each query scaled by its own max for stability), its sums (the mass, in those units) and
 /// the target outputs `softmax V`.
 pub struct Block {
-    e: Mat<f32>,
+    /// `[n, m]` column-major: column r is query r over the block's keys.
+    e: Vec<f32>,
+    n: usize,
+    m: usize,
     mass: Vec<f64>,
     /// `[d, m]`: column r is query r's attention output over the block.
     target: Mat<f32>,
@@ -147,33 +179,68 @@ impl Block {
     /// `logits_t [n, m]` over the block's keys, `v [n, d]` row-major. Each query is scaled by
     /// its own max over the block.
     pub fn new(logits_t: MatRef<f32>, v: &[f32], d: usize) -> Result<Self> {
-        Self::in_context(logits_t, v, d, None)
+        let (n, m) = logits_t.shape();
+        let mut e = Vec::with_capacity(n * m);
+        for r in 0..m {
+            match logits_t.col(r).try_as_col_major() {
+                Some(c) => e.extend_from_slice(c.as_slice()),
+                None => e.extend(logits_t.col(r).iter().copied()),
+            }
+        }
+        Self::in_context(e, n, v, d, None)
     }
 
-    /// [`Block::new`] for a block inside a head: `whole = (max, total)` per query over every
-    /// key it sees. Queries are then scaled by that max, so each one weighs in the mass fit by
-    /// the share of its attention the block really holds, and its value-fit row is weighted by
-    /// that share too (a query that barely looks at the block cannot pull the fit).
+    /// [`Block::new`] for a block inside a head, from its logits `[n, m]` (column-major, taken
+    /// over and overwritten): `whole = (max, total)` per query over every key it sees. Queries
+    /// are then scaled by that max, so each one weighs in the mass fit by the share of its
+    /// attention the block really holds, and its value-fit row is weighted by that share too
+    /// (a query that barely looks at the block cannot pull the fit).
     pub fn in_context(
-        logits_t: MatRef<f32>,
+        mut logits: Vec<f32>,
+        n: usize,
         v: &[f32],
         d: usize,
         whole: Option<(&[f32], &[f64])>,
     ) -> Result<Self> {
-        let (n, m) = logits_t.shape();
-        if n == 0 || m == 0 || v.len() != n * d {
+        if n == 0 || logits.len() % n != 0 {
             return Err(Error::invalid("fit: empty block or mismatched value shape"));
         }
-        let mut e = logits_t.to_owned();
-        let mut mass = Vec::with_capacity(m);
-        let mut weight = vec![1f64; m];
-        for r in 0..m {
-            let col = e.col_as_slice_mut(r);
-            let s = match whole {
+        for (r, col) in logits.chunks_exact_mut(n).enumerate() {
+            match whole {
                 Some((max, _)) => crate::compact::exp::exp_shifted(col, max[r]),
                 None => crate::compact::exp::exp_from_max(col).1,
             };
-            if let Some((_, total)) = whole {
+        }
+        Self::from_exp(logits, n, v, d, whole.map(|w| w.1))
+    }
+
+    /// The block from its attention numerators `e [n, m]` (column-major, taken over), each
+    /// query's `exp(logit - max)` with `max` over every key it sees, as the scoring pass leaves
+    /// them; `total`: per query, the sum of those over every key it sees (weighted fit). None:
+    /// each query is rescaled by its own max over the block, as [`Block::new`] does.
+    pub fn from_exp(
+        mut e: Vec<f32>,
+        n: usize,
+        v: &[f32],
+        d: usize,
+        total: Option<&[f64]>,
+    ) -> Result<Self> {
+        if n == 0 || e.is_empty() || e.len() % n != 0 || v.len() != n * d {
+            return Err(Error::invalid("fit: empty block or mismatched value shape"));
+        }
+        let m = e.len() / n;
+        let mut mass = Vec::with_capacity(m);
+        let mut weight = vec![1f64; m];
+        for (r, col) in e.chunks_exact_mut(n).enumerate() {
+            if total.is_none() {
+                let top = crate::compact::exp::max(col);
+                if top > 0.0 {
+                    let inv = 1.0 / top;
+                    col.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+            let s = crate::compact::exp::sum(col);
+            if let Some(total) = total {
                 weight[r] = s / total[r].max(f64::MIN_POSITIVE);
             }
             mass.push(s.max(f64::MIN_POSITIVE));
@@ -184,9 +251,9 @@ impl Block {
             target.as_mut(),
             Accum::Replace,
             vt,
-            e.as_ref(),
+            MatRef::from_column_major_slice(&e, n, m),
             1.0,
-            Par::Seq,
+            crate::compact::par(),
         );
         for (r, &s) in mass.iter().enumerate() {
             let inv = (1.0 / s) as f32;
@@ -197,17 +264,27 @@ impl Block {
         }
         Ok(Self {
             e,
+            n,
+            m,
             mass,
             target,
             weight,
         })
     }
 
+    fn e(&self) -> MatRef<'_, f32> {
+        MatRef::from_column_major_slice(&self.e, self.n, self.m)
+    }
+
     /// `[t, m]` f64: the kept keys' rows of `e`.
     fn kept(&self, keep: &[u32]) -> Mat<f64> {
-        Mat::from_fn(keep.len(), self.e.ncols(), |i, r| {
-            self.e[(keep[i] as usize, r)] as f64
-        })
+        let mut a = Mat::<f64>::zeros(keep.len(), self.m);
+        for (r, col) in self.e.chunks_exact(self.n).enumerate() {
+            for (i, &j) in keep.iter().enumerate() {
+                a[(i, r)] = col[j as usize] as f64;
+            }
+        }
+        a
     }
 
     /// The kept keys' mass under weights `w` per query, and `P^T [t, m]`, their softmax.
@@ -237,7 +314,7 @@ impl Block {
             values.transpose(),
             pt.as_ref(),
             1.0,
-            Par::Seq,
+            crate::compact::par(),
         );
         let (mut me, mut mn, mut oe, mut on) = (0f64, 0f64, 0f64, 0f64);
         for r in 0..m {
@@ -260,7 +337,7 @@ impl Block {
     /// residual, then refits w >= 0 on the chosen keys by least squares (clamped, as the
     /// reference code; the Gram matrix grows in place). Returns sorted indices.
     pub fn omp_select(&self, t: usize) -> Result<Vec<u32>> {
-        let (n, m) = self.e.shape();
+        let (n, m) = (self.n, self.m);
         let t = t.min(n);
         let step = t.div_ceil(OMP_STEPS).max(1);
         let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
@@ -277,7 +354,7 @@ impl Block {
             matmul(
                 corr.as_mut(),
                 Accum::Replace,
-                self.e.as_ref(),
+                self.e(),
                 resid.as_ref(),
                 1.0,
                 Par::Seq,
@@ -293,7 +370,7 @@ impl Block {
                 let j = j as usize;
                 taken[j] = true;
                 for r in 0..m {
-                    rows[(chosen.len(), r)] = self.e[(j, r)] as f64;
+                    rows[(chosen.len(), r)] = self.e[r * n + j] as f64;
                 }
                 chosen.push(j);
             }
@@ -363,15 +440,7 @@ impl Block {
     /// refined into `p.beta_bounds` when set.
     fn fit_weights(&self, a: &Mat<f64>, p: &FitParams) -> Result<Nnls> {
         let (t, m) = a.shape();
-        let mut g = Mat::<f64>::zeros(t, t);
-        matmul(
-            g.as_mut(),
-            Accum::Replace,
-            a.as_ref(),
-            a.transpose(),
-            1.0,
-            Par::Seq,
-        );
+        let g = gram(a.transpose());
         let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
         let mut h = Mat::<f64>::zeros(t, 1);
         matmul(h.as_mut(), Accum::Replace, a.as_ref(), mass, 1.0, Par::Seq);
@@ -494,8 +563,9 @@ pub fn fit_head(h: &HeadData, keep: &[u32], what: Fit, p: &FitParams) -> Result<
             "fit: kept key {j} out of range (n = {n})"
         )));
     }
-    let lt = logits_t(h.q, h.k, h.bias, h.d, h.scale);
-    Block::new(lt.as_ref(), h.v, h.d)?.fit(keep, h.bias, h.v, what, p)
+    let mut lt = Vec::new();
+    logits_t_into(&mut lt, h.q, h.k, h.bias, h.d, h.scale);
+    Block::in_context(lt, n, h.v, h.d, None)?.fit(keep, h.bias, h.v, what, p)
 }
 
 #[cfg(test)]
@@ -547,6 +617,46 @@ mod tests {
             f.bias
         );
         assert!(f.values.iter().zip(&v).all(|(a, b)| (a - b).abs() < 1e-3));
+        Ok(())
+    }
+
+    #[test]
+    fn a_block_from_the_scoring_numerators_fits_as_one_from_logits() -> Result<()> {
+        // The pipeline hands the fit the numerators its scoring pass already computed (each
+        // query shifted by its max over more keys than the block); that must fit exactly as
+        // the block built from the raw logits with the same whole-head statistics.
+        let (m, n, d) = (40, 24, 8);
+        let (q, k, v) = data(m, n, d, 5);
+        let bias = vec![0.1f32; n];
+        let lt = logits_t(&q, &k, &bias, d, 0.8);
+        let col = |r: usize| (0..n).map(|j| lt[(j, r)]).collect::<Vec<f32>>();
+        // The "whole head" has the block plus keys worth 2.5x its mass, and a larger max.
+        let max: Vec<f32> = (0..m)
+            .map(|r| crate::compact::exp::max(&col(r)) + 0.5)
+            .collect();
+        let mut e: Vec<f32> = (0..m).flat_map(col).collect();
+        let mut total = Vec::new();
+        for (r, c) in e.chunks_exact_mut(n).enumerate() {
+            total.push(crate::compact::exp::exp_shifted(c, max[r]) * 2.5);
+        }
+        let logits: Vec<f32> = (0..m).flat_map(col).collect();
+        let keep: Vec<u32> = (0..n as u32).step_by(3).collect();
+        let p = FitParams::default();
+        for whole in [true, false] {
+            let a = Block::from_exp(e.clone(), n, &v, d, whole.then_some(total.as_slice()))?;
+            let stats = whole.then_some((max.as_slice(), total.as_slice()));
+            let b = Block::in_context(logits.clone(), n, &v, d, stats)?;
+            let (fa, fb) = (
+                a.fit(&keep, &bias, &v, Fit::Am, &p)?,
+                b.fit(&keep, &bias, &v, Fit::Am, &p)?,
+            );
+            let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(a, b)| (a - b).abs() < 1e-4);
+            assert!(
+                close(&fa.bias, &fb.bias) && close(&fa.values, &fb.values),
+                "whole={whole}"
+            );
+            assert!((fa.fidelity.out_rel_err - fb.fidelity.out_rel_err).abs() < 1e-6);
+        }
         Ok(())
     }
 

@@ -5,13 +5,22 @@
 pub mod exp;
 pub mod fit;
 pub mod pipeline;
+pub mod score_pass;
 pub mod select;
 pub mod solve;
 
 use candle_core::Tensor;
+use faer::Par;
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
+
+/// Parallelism of the fit's large products. Heads are fitted in parallel, but global budgets
+/// make the heads of a layer up to ten times apart in kept keys (and the fit's cost grows with
+/// their square), so the thread of a small head would idle; rayon tasks let it help.
+pub fn par() -> Par {
+    Par::rayon(0)
+}
 
 /// Keeps rows `idx` (sorted, unique, in range) of one head with their original keys, values
 /// and biases; the head's memory shrinks to exactly those rows.

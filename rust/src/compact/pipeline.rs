@@ -8,7 +8,7 @@
 //! the context's own tokens re-run) is the engine's job; this module takes them as tensors.
 
 use candle_core::{DType, Tensor};
-use faer::Mat;
+use faer::MatMut;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -19,8 +19,9 @@ use rayon::prelude::*;
 const SCORE_CHUNK: usize = 512;
 
 use crate::cache::KvCache;
+use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
-use crate::compact::fit::{logits_t, Block, Fidelity, FitParams};
+use crate::compact::fit::{logits_t_into, Block, Fidelity, FitParams};
 use crate::compact::select::{
     allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
 };
@@ -190,7 +191,7 @@ impl Options {
         self.method.is_am() && self.fit != Fit::None
     }
 
-    fn pool(&self) -> Pool {
+    pub fn pool(&self) -> Pool {
         match self.method {
             Method::Am | Method::AmOmp => self.pool,
             Method::Kvzip => Pool::Max,
@@ -221,9 +222,11 @@ pub struct Scored {
     extra: usize,
     /// The (subsampled) reference queries of the fit, `[m, d]` row-major.
     fit_q: Option<Vec<f32>>,
-    /// Their `[n, m]` logits, kept from scoring when the middle is one fit chunk (longer
-    /// heads recompute them chunk by chunk, so memory stays `chunk x m` per head).
-    logits: Option<Mat<f32>>,
+    /// Their attention numerators over the middle keys `[hi - lo, m]` (column-major, each
+    /// query's `exp(logit - max)` with the max over every key it sees), kept from scoring when
+    /// the middle is one fit chunk (longer heads recompute logits chunk by chunk, so memory
+    /// stays `chunk x m` per head).
+    fit_e: Option<Vec<f32>>,
     /// Per fit query: the max logit and total `exp(logit - max)` over every key it sees.
     whole: Option<(Vec<f32>, Vec<f64>)>,
     /// Scores of the middle keys `sink..n - recent`.
@@ -246,7 +249,7 @@ impl Scored {
     }
 }
 
-fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn f32s(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
@@ -281,7 +284,7 @@ pub fn score_layer(
                 n,
                 extra,
                 fit_q: None,
-                logits: None,
+                fit_e: None,
                 whole: None,
                 scores: Vec::new(),
                 entropy: 0.0,
@@ -316,8 +319,9 @@ pub fn score_layer(
                 }
                 true => (0..rows).collect(),
             };
-            let mut fit_lt =
-                (keep_logits && hi - lo <= opts.chunk).then(|| Mat::<f32>::zeros(n, picked.len()));
+            // The fit's attention numerators over the middle keys, one column per picked query.
+            let mut fit_e = (keep_logits && hi - lo <= opts.chunk)
+                .then(|| Vec::with_capacity((hi - lo) * picked.len()));
             let (mut maxes, mut totals) = (Vec::new(), Vec::new());
             // Scores use every query (a key may matter to one query only, as in copying), in
             // chunks so the logits stay bounded; the fit's columns are copied out on the way.
@@ -327,6 +331,7 @@ pub fn score_layer(
                 acc = acc.with_entropy();
             }
             let mut next = 0;
+            let mut lt = Vec::new();
             for chunk in all_rows.chunks(SCORE_CHUNK) {
                 // Suffix queries see the scratch keys only up to themselves: logits of the keys
                 // no query of the chunk sees are never computed (the fit's block is the
@@ -336,34 +341,51 @@ pub fn score_layer(
                     (Some(v), true) => v.iter().copied().max().unwrap_or(n).min(n),
                     _ => n,
                 };
-                let lt = logits_t(&gather(chunk), &s.k[..upto * d], &s.bias[..upto], d, scale);
-                // The fit's queries reuse the scoring pass's softmax statistics.
-                let stats = acc.add(lt.as_ref(), seen.as_deref());
+                let qc = gather(chunk);
+                logits_t_into(&mut lt, &qc, &s.k[..upto * d], &s.bias[..upto], d, scale);
+                let lt_mut = MatMut::from_column_major_slice_mut(&mut lt, upto, chunk.len());
+                let stats = acc.add(lt_mut, seen.as_deref());
+                // The fit reuses the softmax numerators and statistics of its queries.
                 while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
                     let c = picked[next] - chunk[0];
-                    if let Some(f) = fit_lt.as_mut() {
-                        f.col_as_slice_mut(next)[..upto].copy_from_slice(lt.col_as_slice(c));
+                    let (max, total) = stats[c];
+                    if let Some(f) = fit_e.as_mut() {
+                        let start = f.len();
+                        f.extend_from_slice(&lt[c * upto + lo..c * upto + hi]);
+                        // Keys past those the query saw are still logits: the fit scores them
+                        // too (no causal mask), in the same units.
+                        let vis = seen.as_ref().map_or(upto, |v| v[c]).clamp(lo, hi);
+                        exp_shifted(&mut f[start + vis - lo..], max);
                     }
-                    maxes.push(stats[c].0);
-                    totals.push(stats[c].1);
+                    maxes.push(max);
+                    totals.push(total);
                     next += 1;
                 }
             }
             s.entropy = acc.mean_entropy();
-            let all = acc.finish();
-            s.scores = all[lo..hi].to_vec();
-            if opts.method == Method::SnapKv {
-                s.scores = avg_pool(&s.scores, opts.kernel);
-            }
+            s.scores = middle_scores(&acc.finish()[lo..hi], opts);
             if keep_logits {
                 s.fit_q = Some(gather(&picked));
                 s.whole = Some((maxes, totals));
             }
-            s.logits = fit_lt;
+            s.fit_e = fit_e;
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
-    // TOVA shares one selection across the layer's heads when they line up token for token.
+    share_tova(&mut heads, opts);
+    Ok(heads)
+}
+
+/// The selection scores of a head's middle keys from their pooled attention.
+fn middle_scores(pooled: &[f32], opts: &Options) -> Vec<f32> {
+    match opts.method {
+        Method::SnapKv => avg_pool(pooled, opts.kernel),
+        _ => pooled.to_vec(),
+    }
+}
+
+/// TOVA shares one selection across the layer's heads when they line up token for token.
+fn share_tova(heads: &mut [Scored], opts: &Options) {
     if opts.method == Method::Tova && heads.windows(2).all(|w| w[0].n == w[1].n) {
         let len = heads[0].scores.len();
         let mean: Vec<f32> = (0..len)
@@ -371,7 +393,38 @@ pub fn score_layer(
             .collect();
         heads.iter_mut().for_each(|s| s.scores = mean.clone());
     }
-    Ok(heads)
+}
+
+/// A layer's heads scored by a [`ScoringPass`](crate::compact::score_pass::ScoringPass):
+/// `(scores of every key, keys, mean entropy)` per head, `extra` of them the pass's own
+/// tokens. Selection-only (no fit data), as [`score_layer`] without `keep_logits`.
+pub fn scored_from_pass(
+    layer: Vec<(Vec<f32>, usize, f64)>,
+    extra: usize,
+    opts: &Options,
+) -> Vec<Scored> {
+    let mut heads: Vec<Scored> = layer
+        .into_iter()
+        .map(|(all, n, entropy)| {
+            let mut s = Scored {
+                k: Vec::new(),
+                v: Vec::new(),
+                bias: Vec::new(),
+                n,
+                extra,
+                fit_q: None,
+                fit_e: None,
+                whole: None,
+                scores: Vec::new(),
+                entropy,
+            };
+            let (lo, hi) = s.window(opts);
+            s.scores = middle_scores(&all[lo..hi], opts);
+            s
+        })
+        .collect();
+    share_tova(&mut heads, opts);
+    heads
 }
 
 /// One selection for every head of a layer (heads of equal length): each head's middle scores
@@ -497,7 +550,7 @@ pub fn apply_layer(
         .into_par_iter()
         .zip(counts.par_iter().copied())
         .enumerate()
-        .map(|(h, (s, count))| -> Result<Rewrite> {
+        .map(|(h, (mut s, count))| -> Result<Rewrite> {
             let (lo, hi) = s.window(opts);
             if count >= hi - lo {
                 // Everything fits: the head stays exact (zero error on any queries).
@@ -529,6 +582,7 @@ pub fn apply_layer(
                 nnls_converged: true,
             };
             let mut errs = ChunkErrors::default();
+            let mut fit_e = s.fit_e.take();
             for c0 in (lo..hi).step_by(opts.chunk.max(1)) {
                 let c1 = (c0 + opts.chunk.max(1)).min(hi);
                 let (rel0, rel1) = ((c0 - lo) as u32, (c1 - lo) as u32);
@@ -540,19 +594,24 @@ pub fn apply_layer(
                 let (ck, cv, cb) = (&s.k[c0 * d..c1 * d], &s.v[c0 * d..c1 * d], &s.bias[c0..c1]);
                 let block = match (&s.fit_q, &s.whole) {
                     (Some(q), Some(whole)) => {
-                        let recomputed;
-                        let lt = match &s.logits {
-                            Some(lt) => lt.as_ref().subrows(c0, c1 - c0),
+                        let weighted = opts.fit_params.weighted;
+                        let b = match fit_e.take() {
+                            Some(e) => Block::from_exp(
+                                e,
+                                c1 - c0,
+                                cv,
+                                d,
+                                weighted.then_some(whole.1.as_slice()),
+                            )?,
                             None => {
-                                recomputed = logits_t(q, ck, cb, d, scale);
-                                recomputed.as_ref()
+                                let mut lt = Vec::new();
+                                logits_t_into(&mut lt, q, ck, cb, d, scale);
+                                let whole =
+                                    weighted.then_some((whole.0.as_slice(), whole.1.as_slice()));
+                                Block::in_context(lt, c1 - c0, cv, d, whole)?
                             }
                         };
-                        let whole = opts
-                            .fit_params
-                            .weighted
-                            .then_some((whole.0.as_slice(), whole.1.as_slice()));
-                        Some(Block::in_context(lt, cv, d, whole)?)
+                        Some(b)
                     }
                     _ => None,
                 };
@@ -638,7 +697,7 @@ mod tests {
             bias: Vec::new(),
             n: scores.len(),
             extra: 0,
-            logits: None,
+            fit_e: None,
             scores,
             entropy: 0.0,
             fit_q: None,

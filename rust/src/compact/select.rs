@@ -5,6 +5,8 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 
+use crate::compact::exp::{softmax_fold, Fold};
+
 /// Query-free baselines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Baseline {
@@ -78,14 +80,15 @@ pub enum Pool {
 /// query r to keys `0..visible[r]`.
 pub fn key_scores(logits_t: faer::MatRef<f32>, pool: Pool, visible: Option<&[usize]>) -> Vec<f32> {
     let mut acc = ScoreAcc::new(logits_t.nrows(), pool);
-    acc.add(logits_t, visible);
+    acc.add(logits_t.to_owned().as_mut(), visible);
     acc.finish()
 }
 
 /// [`key_scores`] accumulated over several blocks of queries.
 pub struct ScoreAcc {
     acc: Vec<f64>,
-    p: Vec<f32>,
+    /// One block's folds in f32 (at most a block of queries each), flushed into `acc`.
+    block: Vec<f32>,
     pool: Pool,
     queries: usize,
     /// Sum over queries of each softmax row's entropy (nats), when tracked.
@@ -96,10 +99,19 @@ impl ScoreAcc {
     pub fn new(n: usize, pool: Pool) -> Self {
         Self {
             acc: vec![0.0; n],
-            p: vec![0.0; n],
+            block: vec![0.0; n],
             pool,
             queries: 0,
             entropy: None,
+        }
+    }
+
+    /// Makes room for keys appended since the accumulator was made (a causal pass scores a
+    /// head that grows chunk by chunk); new keys start from no attention.
+    pub fn grow(&mut self, n: usize) {
+        if n > self.acc.len() {
+            self.acc.resize(n, 0.0);
+            self.block.resize(n, 0.0);
         }
     }
 
@@ -114,42 +126,52 @@ impl ScoreAcc {
         self.entropy.unwrap_or(0.0) / self.queries.max(1) as f64
     }
 
-    /// Adds the queries of `logits_t [n, m]`; returns each one's softmax statistics
+    /// Adds the queries of `logits_t [n, m]`, which it overwrites: column r's first
+    /// `visible[r]` rows become `exp(logit - max_r)`. Returns each query's softmax statistics
     /// `(max logit, total exp(logit - max))` over the keys it sees.
     pub fn add(
         &mut self,
-        logits_t: faer::MatRef<f32>,
+        mut logits_t: faer::MatMut<f32>,
         visible: Option<&[usize]>,
     ) -> Vec<(f32, f64)> {
         let (n, m) = logits_t.shape();
+        let fold = match self.pool {
+            Pool::Rms => Fold::Squares,
+            Pool::Max => Fold::Max,
+            Pool::Sum | Pool::Mean => Fold::Sum,
+        };
         let mut stats = Vec::with_capacity(m);
+        let mut col = Vec::new();
         for r in 0..m {
             let upto = visible.map_or(n, |v| v[r].min(n));
-            let p = &mut self.p[..upto];
-            match logits_t.col(r).try_as_col_major() {
-                Some(c) => p.copy_from_slice(&c.as_slice()[..upto]),
-                None => p
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(j, x)| *x = logits_t[(j, r)]),
-            }
-            let (max, sum) = crate::compact::exp::exp_from_max(p);
-            stats.push((max, sum));
-            let inv = (1.0 / sum) as f32;
-            if let Some(h) = self.entropy.as_mut() {
+            let x: &mut [f32] = match logits_t.as_mut().col_mut(r).try_as_col_major_mut() {
+                Some(c) => &mut c.as_slice_mut()[..upto],
+                None => {
+                    col.clear();
+                    col.extend((0..upto).map(|j| logits_t[(j, r)]));
+                    &mut col
+                }
+            };
+            let raw = self.entropy.is_some().then(|| x.to_vec());
+            let (max, sum) = softmax_fold(x, &mut self.block, fold);
+            if let (Some(h), Some(raw)) = (self.entropy.as_mut(), raw) {
                 // H = ln S - sum_i p_i (l_i - max) with p_i = e_i / S and e_i = exp(l_i - max).
-                let col = logits_t.col(r);
-                let dot: f64 = (0..upto).map(|j| p[j] as f64 * (col[j] - max) as f64).sum();
+                let dot: f64 = x
+                    .iter()
+                    .zip(&raw)
+                    .map(|(&e, &l)| e as f64 * (l - max) as f64)
+                    .sum();
                 *h += sum.ln() - dot / sum;
             }
-            for (a, &x) in self.acc.iter_mut().zip(p.iter()) {
-                let x = (x * inv) as f64;
-                match self.pool {
-                    Pool::Rms => *a += x * x,
-                    Pool::Max => *a = a.max(x),
-                    Pool::Sum | Pool::Mean => *a += x,
-                }
+            stats.push((max, sum));
+        }
+        // f32 sums of one block of queries are exact enough; the running total is f64.
+        for (a, b) in self.acc.iter_mut().zip(self.block.iter_mut()) {
+            match fold {
+                Fold::Max => *a = a.max(*b as f64),
+                Fold::Squares | Fold::Sum => *a += *b as f64,
             }
+            *b = 0.0;
         }
         self.queries += m;
         stats
@@ -352,7 +374,7 @@ mod tests {
         let mut lt = faer::Mat::<f32>::zeros(n, m);
         lt[(3, 0)] = 80.0; // query 0 looks at key 3 only; query 1 is uniform
         let mut acc = ScoreAcc::new(n, Pool::Max).with_entropy();
-        acc.add(lt.as_ref(), None);
+        acc.add(lt.as_mut(), None);
         let want = (0.0 + (n as f64).ln()) / 2.0;
         assert!(
             (acc.mean_entropy() - want).abs() < 1e-5,

@@ -5,6 +5,7 @@
 //!   (`A` an optional anchor, 0 without one).
 
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Par, Scale, Side};
 
@@ -238,6 +239,29 @@ pub fn cholesky_solve(g: MatRef<f64>, b: MatRef<f64>, lambda: f64) -> Option<Mat
     Some(a.llt(Side::Lower).ok()?.solve(b))
 }
 
+/// `AᵀA` of `a [m, t]`: only the lower triangle is multiplied (half the work), then mirrored.
+pub fn gram(a: MatRef<f64>) -> Mat<f64> {
+    let t = a.ncols();
+    let mut g = Mat::<f64>::zeros(t, t);
+    triangular::matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        a.transpose(),
+        BlockStructure::Rectangular,
+        a,
+        BlockStructure::Rectangular,
+        1.0,
+        crate::compact::par(),
+    );
+    for c in 1..t {
+        for r in 0..c {
+            g[(r, c)] = g[(c, r)];
+        }
+    }
+    g
+}
+
 /// The normal equations of `min ||P X - Y||^2`: `G = PᵀP`, `B = PᵀY` and `||Y||^2`. Built once
 /// and solved for several ridges (the held-out choice), and added over row subsets.
 struct NormalEq {
@@ -249,15 +273,6 @@ struct NormalEq {
 impl NormalEq {
     fn new(p: MatRef<f64>, y: MatRef<f64>) -> Self {
         let (t, d) = (p.ncols(), y.ncols());
-        let mut gram = Mat::<f64>::zeros(t, t);
-        matmul(
-            gram.as_mut(),
-            Accum::Replace,
-            p.transpose(),
-            p,
-            1.0,
-            Par::Seq,
-        );
         let mut rhs = Mat::<f64>::zeros(t, d);
         matmul(
             rhs.as_mut(),
@@ -265,10 +280,10 @@ impl NormalEq {
             p.transpose(),
             y,
             1.0,
-            Par::Seq,
+            crate::compact::par(),
         );
         Self {
-            gram,
+            gram: gram(p),
             rhs,
             yy: y.squared_norm_l2(),
         }

@@ -11,7 +11,7 @@ use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::{rope, rope_i};
 
 use crate::attention::{attend, attend_masked};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::decode_graph::StepIo;
 use crate::error::Result;
@@ -134,6 +134,10 @@ struct Layer {
     gate_up: Linear,
     down: Linear,
 }
+
+/// An attention in place of [`attend`]: `(layer, q [n_heads, t, d], the layer's cache)` to
+/// `[n_heads, t, d]`, the chunk's keys being the layer's last `t` rows.
+pub type AttentionFn<'a> = dyn FnMut(usize, &Tensor, &LayerCache) -> Result<Tensor> + 'a;
 
 #[derive(Debug, Clone)]
 pub struct Qwen3 {
@@ -290,16 +294,34 @@ impl Qwen3 {
         &self,
         ids: &[u32],
         cache: &mut KvCache,
+        queries: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        self.forward_with(ids, cache, queries, None)
+    }
+
+    /// [`Qwen3::forward_capture`] whose attention, when `attention(l, q, layer)` is given, is
+    /// computed by it in place of [`attend`] (compaction scores keys with the same softmax).
+    pub fn forward_with(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
         mut queries: Option<&mut Vec<Tensor>>,
+        mut attention: Option<&mut AttentionFn<'_>>,
     ) -> Result<Tensor> {
         let t = ids.len();
         let (mut x, cos, sin) = self.embed_tokens(ids, cache.next_position())?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let (y, q) = self.layer_forward(layer, &x, &cos, &sin, cache, l)?;
+            let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
+            cache.append(l, &k, &v)?;
+            let attn = match attention.as_deref_mut() {
+                Some(f) => f(l, &q, &cache.layers[l])?,
+                None => attend(&q, &cache.layers[l], self.attention_scale())?,
+            };
+            cache.settle(l)?;
+            x = self.finish(layer, &x, &attn)?;
             if let Some(qs) = queries.as_deref_mut() {
                 qs.push(q);
             }
-            x = y;
         }
         cache.advance(t);
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?)
@@ -414,22 +436,6 @@ impl Qwen3 {
         let f = c.intermediate_size;
         let m = (gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?;
         Ok((x + layer.down.forward(&m)?)?)
-    }
-
-    fn layer_forward(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
-        l: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let (q, k, v) = self.qkv(layer, x, cos, sin)?;
-        cache.append(l, &k, &v)?;
-        let attn = attend(&q, &cache.layers[l], self.attention_scale())?;
-        cache.settle(l)?;
-        Ok((self.finish(layer, x, &attn)?, q))
     }
 
     /// Whether every matrix is dense (the static decode step covers no quantized weights).
