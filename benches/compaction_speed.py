@@ -56,8 +56,9 @@ def matmul_gflops(n: int = 2048, d: int = 128, m: int = 4096) -> float:
 
 def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes: int) -> float:
     """FLOPs of one head's fit: scoring every repeat query against the n context keys and the
-    suffix keys it sees (about half of them on average; `passes` times), the fit's target
-    outputs, the Gram matrices and the value solve."""
+    suffix keys it sees (about half of them on average; `passes` times: once on-policy, the
+    global budgets' scores being taken in the reference pass's own attention on the CPU), the
+    fit's target outputs, the Gram matrices and the value solve."""
     m_all = g * suffix
     m = min(mq, m_all)
     t = kept
@@ -89,7 +90,7 @@ def main() -> None:
             )
             heads = layers * kv
             flops = heads * fit_flops(
-                n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 2
+                n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 1
             )
             rows.append(
                 (

@@ -6,7 +6,8 @@ Two steps, because the reference needs torch and kvfast does not:
     # 1. with kvfast: real K/V/Q of qwen3-small heads (repeat queries over a 2048-token context)
     python scripts/crosscheck_reference.py dump --model ../shared/models/qwen3-small \\
         --data ../shared/data --out /tmp/heads.npz
-    # 2. with torch and a checkout of github.com/adamzweiger/compaction
+    # 2. with torch and a checkout of github.com/adamzweiger/compaction (when kvfast imports
+    #    there too, e.g. PYTHONPATH=python, it also times both fits side by side)
     python scripts/crosscheck_reference.py compare --heads /tmp/heads.npz --reference ./compaction
 
 Both fits see the same block (the head's keys and values without the sink and recent window),
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +81,25 @@ def dump(a: argparse.Namespace) -> None:
     print(f"wrote {len(out) // 9} heads to {a.out}")
 
 
+def best_of(f, reps: int = 3) -> float:
+    """Fastest of `reps` timed calls (seconds)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def compare(a: argparse.Namespace) -> None:
     import torch
+
+    torch.set_num_threads(a.threads)
+    os.environ["RAYON_NUM_THREADS"] = str(a.threads)
+    try:  # speed side by side in this process when kvfast is importable here too
+        from kvfast import _native
+    except ImportError:
+        _native = None
 
     sys.path.insert(0, str(a.reference))
     from compaction.algorithms.highest_attention_keys import HighestAttentionKeysCompaction
@@ -96,7 +117,7 @@ def compare(a: argparse.Namespace) -> None:
         "| out err kvfast (ridge 0) / ref | out err kvfast default (held-out ridge) |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    ours_out, ls_out, ref_out, overlap = [], [], [], []
+    ours_out, ls_out, ref_out, overlap, speed = [], [], [], [], []
     for i in range(n):
         names = ("q", "k", "v", "keep", "beta", "values", "beta_ls", "values_ls", "where")
         g = {name: z[f"{i}/{name}"] for name in names}
@@ -107,6 +128,24 @@ def compare(a: argparse.Namespace) -> None:
             torch.from_numpy(g["q"]),
             t,
         )
+        if _native is not None:
+            tk, tv, tq = (torch.from_numpy(g[x]) for x in ("k", "v", "q"))
+            speed.append(
+                (
+                    best_of(partial(ref.compute_compacted_cache, tk, tv, tq, t)),
+                    best_of(
+                        partial(
+                            _native.fit_head,
+                            g["q"],
+                            g["k"],
+                            g["v"],
+                            budget=t,
+                            fit="am",
+                            beta_bounds=(-3.0, 3.0),
+                        )
+                    ),
+                )
+            )
         order = np.argsort(idx)
         idx = np.asarray(idx)[order]
         rbeta, rc2 = beta.float().numpy()[order], c2.float().numpy()[order]
@@ -127,6 +166,14 @@ def compare(a: argparse.Namespace) -> None:
         f"{np.mean(ls_out):.4f}, reference {np.mean(ref_out):.4f}, kvfast default "
         f"{np.mean(ours_out):.4f}"
     )
+    if speed:
+        ref_s, ours_s = (sum(x) for x in zip(*speed, strict=True))
+        print(
+            f"\nspeed ({a.threads} threads, same process, best of 3 per head): selection + fit "
+            f"of the {n} heads take {ref_s:.3f} s in the reference (torch {torch.__version__}) "
+            f'and {ours_s:.3f} s in kvfast (`fit_head(budget=t, fit="am")`): '
+            f"{ref_s / ours_s:.2f}x"
+        )
 
 
 def main() -> None:
@@ -136,6 +183,7 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("--heads", type=Path, required=True)
     c.add_argument("--reference", type=Path, required=True)
+    c.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     dump(a) if a.cmd == "dump" else compare(a)
 

@@ -80,6 +80,25 @@ def test_held_out_ridge_is_never_worse_than_no_fit_on_held_out_queries():
     assert err(fitted["values"]) < err(v[keep])
 
 
+def test_a_budget_keeps_the_top_rms_attention_keys_and_fits_them():
+    # Planted: a few keys aligned with the queries draw most of the attention; the native
+    # selection must pick the top-t keys by root-mean-square softmax weight (computed here in
+    # f64) and fit them exactly as when those indices are given.
+    q, k, v = problem(120, 80, 16, 7)
+    u = np.random.default_rng(8).normal(size=16).astype(np.float32)
+    q += u
+    k[[5, 33, 61]] = u
+    logits = q.astype(np.float64) @ k.T.astype(np.float64) / np.sqrt(16)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    want = np.sort(np.argsort(-np.sqrt((p**2).mean(axis=0)), kind="stable")[:20])
+    got = _native.fit_head(q, k, v, budget=20)
+    assert got["keep"] == want.tolist() and {5, 33, 61} <= set(got["keep"])
+    given = _native.fit_head(q, k, v, want.tolist())
+    np.testing.assert_allclose(got["bias"], given["bias"], atol=1e-5)
+    np.testing.assert_allclose(got["values"], given["values"], atol=1e-5)
+
+
 def test_bad_inputs_raise_value_errors():
     q, k, v = problem(10, 6, 4, 6)
     with pytest.raises(ValueError, match="out of range"):
@@ -88,3 +107,9 @@ def test_bad_inputs_raise_value_errors():
         _native.fit_head(q, k, v[:, :3], [0])
     with pytest.raises(ValueError, match="fit must be"):
         _native.fit_head(q, k, v, [0], fit="bogus")
+    with pytest.raises(ValueError, match="either keep"):
+        _native.fit_head(q, k, v, [0], budget=1)
+    with pytest.raises(ValueError, match="either keep"):
+        _native.fit_head(q, k, v)
+    with pytest.raises(ValueError, match="budget 7 not in"):
+        _native.fit_head(q, k, v, budget=7)

@@ -175,16 +175,18 @@ def fit_head(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
-    keep: Sequence[int],
+    keep: Sequence[int] | None = None,
     *,
+    budget: int | None = None,
     bias: npt.NDArray[np.float32] | None = None,
     scale: float | None = None,
     fit: str = "am",
     ridge: float | None = None,
     beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
 ) -> dict[str, Any]:
-    """The Attention-Matching fit of one head: `q [m, d]`, `k`/`v` `[n, d]`, kept key indices.
-    Returns {"bias": [t], "values": [t, d], "mass_rel_err", "out_rel_err", "nnls_converged"}."""
+    """The Attention-Matching fit of one head: `q [m, d]`, `k`/`v` `[n, d]`, and either the kept
+    key indices or `budget` keys chosen by root-mean-square attention. Returns {"keep": [t],
+    "bias": [t], "values": [t, d], "mass_rel_err", "out_rel_err", "nnls_converged"}."""
 
 def blas_available() -> bool:
     """Whether a BLAS was loaded (see `kvfast._blas`)."""

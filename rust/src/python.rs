@@ -10,7 +10,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use crate::compact::fit::{fit_head as fit_one_head, FitParams, HeadData, DEFAULT_BETA_BOUNDS};
+use crate::compact::fit::{
+    fit_head as fit_one_head, FitParams, HeadData, Keep, DEFAULT_BETA_BOUNDS,
+};
 use crate::compact::pipeline::{Fit, HeadBudgets, Method, Options, QuerySource};
 use crate::compact::select::Pool;
 use crate::device::{build_features, device_name, dtype_name};
@@ -592,18 +594,20 @@ fn load_blas(path: PathBuf, prefix: &str) -> PyResult<()> {
     Ok(crate::blas::load(&path, prefix)?)
 }
 
-/// The Attention-Matching fit of one head on given arrays (for tests and cross-checks):
-/// `q [m, d]`, `k`/`v` `[n, d]` f32, `keep` the kept key indices.
+/// The Attention-Matching fit of one head on given arrays (for tests, cross-checks and speed
+/// comparisons): `q [m, d]`, `k`/`v` `[n, d]` f32, `keep` the kept key indices, or `budget`
+/// keys chosen by root-mean-square attention.
 #[allow(clippy::too_many_arguments)]
 #[pyfunction]
-#[pyo3(signature = (q, k, v, keep, *, bias = None, scale = None, fit = "am", ridge = None,
-                    beta_bounds = Some(DEFAULT_BETA_BOUNDS)))]
+#[pyo3(signature = (q, k, v, keep = None, *, budget = None, bias = None, scale = None,
+                    fit = "am", ridge = None, beta_bounds = Some(DEFAULT_BETA_BOUNDS)))]
 fn fit_head<'py>(
     py: Python<'py>,
     q: PyReadonlyArray2<'py, f32>,
     k: PyReadonlyArray2<'py, f32>,
     v: PyReadonlyArray2<'py, f32>,
-    keep: Vec<u32>,
+    keep: Option<Vec<u32>>,
+    budget: Option<usize>,
     bias: Option<PyReadonlyArray1<'py, f32>>,
     scale: Option<f32>,
     fit: &str,
@@ -632,8 +636,16 @@ fn fit_head<'py>(
         ..FitParams::default()
     };
     let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
-    let t = keep.len();
-    let f = run(py, || {
+    let which = match (&keep, budget) {
+        (Some(keep), None) => Keep::These(keep),
+        (None, Some(t)) => Keep::TopRms(t),
+        _ => {
+            return Err(PyValueError::new_err(
+                "fit_head: give either keep (indices) or budget (a key count), not both",
+            ))
+        }
+    };
+    let (keep, f) = run(py, || {
         let h = HeadData {
             q: &q,
             k: &k,
@@ -642,9 +654,11 @@ fn fit_head<'py>(
             d,
             scale,
         };
-        fit_one_head(&h, &keep, what, &params)
+        fit_one_head(&h, which, what, &params)
     })?;
+    let t = keep.len();
     let out = PyDict::new(py);
+    out.set_item("keep", keep)?;
     out.set_item("bias", f32_array(py, f.bias, None)?)?;
     out.set_item("values", f32_array(py, f.values, Some(t))?)?;
     out.set_item("mass_rel_err", f.fidelity.mass_rel_err)?;

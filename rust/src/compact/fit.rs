@@ -13,6 +13,7 @@ use faer::linalg::matmul::matmul;
 use faer::prelude::ReborrowMut;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
+use crate::compact::select::{top_k, Pool, ScoreAcc};
 use crate::compact::solve::{
     box_lstsq, cholesky_solve, gram, mean_diag, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls,
 };
@@ -125,7 +126,11 @@ pub fn logits_t(q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) -> Mat
 /// query chunks costs no allocation, zeroing or page faults).
 pub fn logits_t_into(out: &mut Vec<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) {
     let (m, n) = (q.len() / d, k.len() / d);
-    // Every entry is overwritten by the product, so the fill value of a growing buffer is moot.
+    // Every entry is overwritten by the product. A fresh buffer comes from the allocator's
+    // zeroed pages (no memset of tens of MB); a reused one is only extended.
+    if out.capacity() < n * m {
+        *out = vec![0.0; n * m];
+    }
     out.resize(n * m, 0.0);
     logits_into(
         MatMut::from_column_major_slice_mut(out, n, m),
@@ -217,9 +222,10 @@ impl Block {
     /// The block from its attention numerators `e [n, m]` (column-major, taken over), each
     /// query's `exp(logit - max)` with `max` over every key it sees, as the scoring pass leaves
     /// them; `total`: per query, the sum of those over every key it sees (weighted fit). None:
-    /// each query is rescaled by its own max over the block, as [`Block::new`] does.
+    /// the numerators are relative to each query's max over the block itself (unweighted), as
+    /// [`Block::new`] makes them ([`rescale_to_block_max`] turns the former into these).
     pub fn from_exp(
-        mut e: Vec<f32>,
+        e: Vec<f32>,
         n: usize,
         v: &[f32],
         d: usize,
@@ -231,14 +237,7 @@ impl Block {
         let m = e.len() / n;
         let mut mass = Vec::with_capacity(m);
         let mut weight = vec![1f64; m];
-        for (r, col) in e.chunks_exact_mut(n).enumerate() {
-            if total.is_none() {
-                let top = crate::compact::exp::max(col);
-                if top > 0.0 {
-                    let inv = 1.0 / top;
-                    col.iter_mut().for_each(|x| *x *= inv);
-                }
-            }
+        for (r, col) in e.chunks(n).enumerate() {
             let s = crate::compact::exp::sum(col);
             if let Some(total) = total {
                 weight[r] = s / total[r].max(f64::MIN_POSITIVE);
@@ -280,8 +279,9 @@ impl Block {
     fn kept(&self, keep: &[u32]) -> Mat<f64> {
         let mut a = Mat::<f64>::zeros(keep.len(), self.m);
         for (r, col) in self.e.chunks_exact(self.n).enumerate() {
-            for (i, &j) in keep.iter().enumerate() {
-                a[(i, r)] = col[j as usize] as f64;
+            let dst = a.col_as_slice_mut(r);
+            for (x, &j) in dst.iter_mut().zip(keep) {
+                *x = col[j as usize] as f64;
             }
         }
         a
@@ -547,31 +547,69 @@ impl Block {
     }
 }
 
+/// Rescales each query's numerators (column of `e [n, m]`) so its largest over the block is 1:
+/// from the units of the whole head's max to those of [`Block::from_exp`] without `total`.
+pub fn rescale_to_block_max(e: &mut [f32], n: usize) {
+    for col in e.chunks_exact_mut(n) {
+        let top = crate::compact::exp::max(col);
+        if top > 0.0 {
+            let inv = 1.0 / top;
+            col.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
 /// The kept keys' rows of `v [n, d]` as `[t, d]` f64.
 fn kept_values(keep: &[u32], v: &[f32], d: usize) -> Mat<f64> {
     Mat::from_fn(keep.len(), d, |i, c| v[keep[i] as usize * d + c] as f64)
 }
 
-/// Fits the kept keys `keep` of a whole head (every key in the block).
-pub fn fit_head(h: &HeadData, keep: &[u32], what: Fit, p: &FitParams) -> Result<HeadFit> {
+/// Which keys [`fit_head`] keeps.
+pub enum Keep<'a> {
+    /// These (sorted, unique) indices.
+    These(&'a [u32]),
+    /// The `t` keys with the highest root-mean-square attention from the queries, chosen on
+    /// the same softmax the fit then uses (the reference code's default selection).
+    TopRms(usize),
+}
+
+/// Fits the kept keys of a whole head (every key in the block). Returns the kept indices and
+/// the fit.
+pub fn fit_head(h: &HeadData, keep: Keep, what: Fit, p: &FitParams) -> Result<(Vec<u32>, HeadFit)> {
     let (m, n) = (h.q.len() / h.d.max(1), h.k.len() / h.d.max(1));
     if h.d == 0 || h.q.len() != m * h.d || h.k.len() != n * h.d || h.bias.len() != n {
         return Err(Error::invalid("fit: q, k, v must be [*, d] and bias [n]"));
     }
-    if let Some(&j) = keep.iter().find(|&&j| j as usize >= n) {
-        return Err(Error::invalid(format!(
-            "fit: kept key {j} out of range (n = {n})"
-        )));
+    if let Keep::These(keep) = keep {
+        if let Some(&j) = keep.iter().find(|&&j| j as usize >= n) {
+            return Err(Error::invalid(format!(
+                "fit: kept key {j} out of range (n = {n})"
+            )));
+        }
     }
     let mut lt = Vec::new();
     logits_t_into(&mut lt, h.q, h.k, h.bias, h.d, h.scale);
-    Block::in_context(lt, n, h.v, h.d, None)?.fit(keep, h.bias, h.v, what, p)
+    let (keep, block) = match keep {
+        Keep::These(keep) => (keep.to_vec(), Block::in_context(lt, n, h.v, h.d, None)?),
+        Keep::TopRms(t) => {
+            if t == 0 || t > n {
+                return Err(Error::invalid(format!("fit: budget {t} not in 1..={n}")));
+            }
+            // The scoring softmax leaves each column as exp(logit - max): the block's own
+            // numerators, so the fit reuses them.
+            let mut acc = ScoreAcc::new(n, Pool::Rms);
+            acc.add(MatMut::from_column_major_slice_mut(&mut lt, n, m), None);
+            let keep = top_k(&acc.finish(), t);
+            (keep, Block::from_exp(lt, n, h.v, h.d, None)?)
+        }
+    };
+    let f = block.fit(&keep, h.bias, h.v, what, p)?;
+    Ok((keep, f))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compact::select::top_k;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -599,9 +637,9 @@ mod tests {
             scale: 0.9,
         };
         let keep: Vec<u32> = (0..n as u32).collect();
-        let f = fit_head(
+        let (_, f) = fit_head(
             &h,
-            &keep,
+            Keep::These(&keep),
             Fit::Am,
             &FitParams {
                 ridge: Some(0.0),
@@ -643,7 +681,11 @@ mod tests {
         let keep: Vec<u32> = (0..n as u32).step_by(3).collect();
         let p = FitParams::default();
         for whole in [true, false] {
-            let a = Block::from_exp(e.clone(), n, &v, d, whole.then_some(total.as_slice()))?;
+            let mut e = e.clone();
+            if !whole {
+                rescale_to_block_max(&mut e, n);
+            }
+            let a = Block::from_exp(e, n, &v, d, whole.then_some(total.as_slice()))?;
             let stats = whole.then_some((max.as_slice(), total.as_slice()));
             let b = Block::in_context(logits.clone(), n, &v, d, stats)?;
             let (fa, fb) = (

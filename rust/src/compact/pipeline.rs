@@ -21,7 +21,7 @@ const SCORE_CHUNK: usize = 512;
 use crate::cache::KvCache;
 use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
-use crate::compact::fit::{logits_t_into, Block, Fidelity, FitParams};
+use crate::compact::fit::{logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams};
 use crate::compact::select::{
     allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
 };
@@ -596,13 +596,13 @@ pub fn apply_layer(
                     (Some(q), Some(whole)) => {
                         let weighted = opts.fit_params.weighted;
                         let b = match fit_e.take() {
-                            Some(e) => Block::from_exp(
-                                e,
-                                c1 - c0,
-                                cv,
-                                d,
-                                weighted.then_some(whole.1.as_slice()),
-                            )?,
+                            Some(mut e) => {
+                                if !weighted {
+                                    rescale_to_block_max(&mut e, c1 - c0);
+                                }
+                                let total = weighted.then_some(whole.1.as_slice());
+                                Block::from_exp(e, c1 - c0, cv, d, total)?
+                            }
                             None => {
                                 let mut lt = Vec::new();
                                 logits_t_into(&mut lt, q, ck, cb, d, scale);
