@@ -45,6 +45,8 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_method_specs_parse_options_and_reject_typos() -> None:
+    (fit_none,) = parse_methods("am:fit=none:score=max")
+    assert fit_none.options == {"fit": "none", "score": "max"}  # words stay words
     full, am = parse_methods("full, am:queries=context:head_budgets=uniform:ridge=none")
     assert full.is_full and am.method == "am"
     assert am.options == {"queries": "context", "head_budgets": "uniform", "ridge": None}

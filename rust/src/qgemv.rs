@@ -32,6 +32,41 @@ struct XBlock {
     ds: f32,
 }
 
+/// The rows of `x` quantized: `blocks [m][kb]`, and their scales and `d * sum(q)` again as
+/// `[kb][m]`, so the prefill tile reads eight rows' scales with one load.
+struct XRows {
+    blocks: Vec<XBlock>,
+    d: Vec<f32>,
+    ds: Vec<f32>,
+    kb: usize,
+    m: usize,
+}
+
+impl XRows {
+    fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let kb = k / QK;
+        let blocks: Vec<XBlock> = x.chunks_exact(QK).map(quantize_block).collect();
+        let by_block = |f: fn(&XBlock) -> f32| -> Vec<f32> {
+            (0..kb)
+                .flat_map(|b| (0..m).map(move |i| i * kb + b))
+                .map(|j| f(&blocks[j]))
+                .collect()
+        };
+        let (d, ds) = (by_block(|b| b.d), by_block(|b| b.ds));
+        Self {
+            blocks,
+            d,
+            ds,
+            kb,
+            m,
+        }
+    }
+
+    fn row(&self, i: usize) -> &[XBlock] {
+        &self.blocks[i * self.kb..(i + 1) * self.kb]
+    }
+}
+
 /// The formats served; each discriminant is also the const-generic tag of its kernel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -98,7 +133,7 @@ pub fn matmul_xwt(x: &Tensor, parts: &[QMatMul]) -> Result<Option<Tensor>> {
         mats.push((fmt, n, p.data()?));
     }
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let xb: Vec<XBlock> = xs.chunks_exact(QK).map(quantize_block).collect();
+    let xr = XRows::new(&xs, m, k);
     let kb = k / QK;
     let n_total: usize = mats.iter().map(|(_, n, _)| n).sum();
     // Transposed output [n_total, m]: each task owns a contiguous run of weight rows.
@@ -114,8 +149,8 @@ pub fn matmul_xwt(x: &Tensor, parts: &[QMatMul]) -> Result<Option<Tensor>> {
                 let rows = chunk.len() / m;
                 let w = &data[r0 * row_bytes..(r0 + rows) * row_bytes];
                 // SAFETY: `simd()` checked AVX2/FMA/F16C; `w` holds `rows` rows of `kb`
-                // blocks and `xb` `kb` blocks per row of `x`.
-                unsafe { rows_avx2(*fmt, w, &xb, kb, m, chunk) };
+                // blocks and `xr` `kb` blocks per row of `x`.
+                unsafe { rows_avx2(*fmt, w, &xr, chunk) };
             });
         offset += n;
     }
@@ -130,7 +165,10 @@ fn quantize_block(x: &[f32]) -> XBlock {
     let mut q = [0i8; QK];
     let mut sum = 0i32;
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * inv).round() as i8;
+        // Round to nearest (ties to even, as llama.cpp's AVX path) by adding 1.5 * 2^23:
+        // |v * inv| <= 127, and it inlines where `round` is a libm call per value.
+        const MAGIC: f32 = 12_582_912.0;
+        *qi = ((v * inv + MAGIC) - MAGIC) as i8;
         sum += *qi as i32;
     }
     XBlock {
@@ -207,31 +245,32 @@ unsafe fn f16_load(p: *const u8) -> f32 {
 /// `x` (`xb`: `kb` blocks per row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
+unsafe fn rows_avx2(fmt: Format, w: &[u8], x: &XRows, out: &mut [f32]) {
     match fmt {
-        Format::Q4_0 => rows_avx2_f::<F_Q4_0>(w, xb, kb, m, out),
-        Format::Q4_1 => rows_avx2_f::<F_Q4_1>(w, xb, kb, m, out),
-        Format::Q8_0 => rows_avx2_f::<F_Q8_0>(w, xb, kb, m, out),
-        Format::Q5_0 => rows_avx2_f::<F_Q5_0>(w, xb, kb, m, out),
-        Format::Q5_1 => rows_avx2_f::<F_Q5_1>(w, xb, kb, m, out),
+        Format::Q4_0 => rows_avx2_f::<F_Q4_0>(w, x, out),
+        Format::Q4_1 => rows_avx2_f::<F_Q4_1>(w, x, out),
+        Format::Q8_0 => rows_avx2_f::<F_Q8_0>(w, x, out),
+        Format::Q5_0 => rows_avx2_f::<F_Q5_0>(w, x, out),
+        Format::Q5_1 => rows_avx2_f::<F_Q5_1>(w, x, out),
     }
 }
 
 /// Tiles: four weight rows per pass for fewer than four rows of `x` (decode: four independent
-/// streams keep loads in flight, where one row at a time stalled on each block), four rows of
-/// `x` per pass otherwise (prefill: each weight block is unpacked once for the four).
+/// streams keep loads in flight, where one row at a time stalled on each block); otherwise
+/// (prefill) two weight rows against eight rows of `x` (each weight block unpacked once for
+/// the eight, each block of `x` loaded once for the two), then four rows of `x`, then one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
+unsafe fn rows_avx2_f<const F: u8>(w: &[u8], x: &XRows, out: &mut [f32]) {
+    let m = x.m;
     let rows = out.len() / m;
     let rb = w.len() / rows;
     let wrow = |r: usize| &w[r * rb..(r + 1) * rb];
-    let xrow = |i: usize| &xb[i * kb..(i + 1) * kb];
     let mut r = 0;
     if m < 4 {
         while r + 4 <= rows {
             for i in 0..m {
-                let d = dots_w4::<F>(std::array::from_fn(|j| wrow(r + j)), xrow(i));
+                let d = dots_w4::<F>(std::array::from_fn(|j| wrow(r + j)), x.row(i));
                 for (j, dj) in d.iter().enumerate() {
                     out[(r + j) * m + i] = *dj;
                 }
@@ -239,16 +278,43 @@ unsafe fn rows_avx2_f<const F: u8>(w: &[u8], xb: &[XBlock], kb: usize, m: usize,
             r += 4;
         }
     }
+    // Prefill: pairs of weight rows against eight rows of x at a time.
+    let m8 = if m >= 8 { m - m % 8 } else { 0 };
+    while m8 > 0 && r + 2 <= rows {
+        for i in (0..m8).step_by(8) {
+            let d = dots_x8::<F, 2>([wrow(r), wrow(r + 1)], x, i);
+            for (j, dj) in d.into_iter().enumerate() {
+                std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr().add((r + j) * m + i), dj);
+            }
+        }
+        for rr in r..r + 2 {
+            tail_x4::<F>(wrow(rr), x, m8, &mut out[rr * m..(rr + 1) * m]);
+        }
+        r += 2;
+    }
     for r in r..rows {
+        let o = &mut out[r * m..(r + 1) * m];
         let mut i = 0;
-        while i + 4 <= m {
-            let d = dots_x4::<F>(wrow(r), std::array::from_fn(|j| xrow(i + j)));
-            out[r * m + i..r * m + i + 4].copy_from_slice(&d);
-            i += 4;
+        while i + 8 <= m {
+            let [d] = dots_x8::<F, 1>([wrow(r)], x, i);
+            std::arch::x86_64::_mm256_storeu_ps(o.as_mut_ptr().add(i), d);
+            i += 8;
         }
-        for i in i..m {
-            out[r * m + i] = dot_1::<F>(wrow(r), xrow(i));
-        }
+        tail_x4::<F>(wrow(r), x, i, o);
+    }
+}
+
+/// Rows `i..m` of `x` against one weight row `w` into `o[i..m]`: four at a time, then one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tail_x4<const F: u8>(w: &[u8], x: &XRows, mut i: usize, o: &mut [f32]) {
+    while i + 4 <= x.m {
+        let d = dots_x4::<F>(w, std::array::from_fn(|j| x.row(i + j)));
+        o[i..i + 4].copy_from_slice(&d);
+        i += 4;
+    }
+    for i in i..x.m {
+        o[i] = dot_1::<F>(w, x.row(i));
     }
 }
 
@@ -398,6 +464,64 @@ unsafe fn dots_w4<const F: u8>(w: [&[u8]; 4], x: &[XBlock]) -> [f32; 4] {
     [hsum(a0) + o0, hsum(a1) + o1, hsum(a2) + o2, hsum(a3) + o3]
 }
 
+/// `W` weight rows against rows `i0..i0 + 8` of `x` (prefill). Per block, the eight integer
+/// dot products of a weight row are reduced across lanes into one vector (lane j: row i0 + j),
+/// so scales and offsets apply as vectors: no scalar work per (block, row) pair, which was half
+/// of the four-row tile's instructions. Two weight rows share each load of `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_x8<const F: u8, const W: usize>(
+    w: [&[u8]; W],
+    x: &XRows,
+    i0: usize,
+) -> [std::arch::x86_64::__m256; W] {
+    use std::arch::x86_64::*;
+    let (bb, kb, m) = (block_bytes::<F>(), x.kb, x.m);
+    let ones = _mm256_set1_epi16(1);
+    let rows: [*const XBlock; 8] = std::array::from_fn(|j| x.blocks.as_ptr().add((i0 + j) * kb));
+    let mut acc = [_mm256_setzero_ps(); W];
+    let mut off = [_mm256_setzero_ps(); W];
+    for b in 0..kb {
+        let wb: [WBlock; W] = std::array::from_fn(|r| unpack::<F>(w[r].as_ptr().add(b * bb)));
+        let xq: [__m256i; 8] = std::array::from_fn(|j| {
+            _mm256_load_si256((*rows[j].add(b)).q.as_ptr() as *const __m256i)
+        });
+        let at = b * m + i0;
+        let (xd, xds) = (
+            _mm256_loadu_ps(x.d.as_ptr().add(at)),
+            _mm256_loadu_ps(x.ds.as_ptr().add(at)),
+        );
+        for r in 0..W {
+            let dot = |j: usize| {
+                // maddubs multiplies unsigned by signed: for Q8_0 move w's sign onto x.
+                let q = if F == F_Q8_0 {
+                    _mm256_sign_epi8(xq[j], wb[r].signed)
+                } else {
+                    xq[j]
+                };
+                _mm256_madd_epi16(_mm256_maddubs_epi16(wb[r].u, q), ones)
+            };
+            // hadd twice: lanes [r0, r1, r2, r3 | r0, r1, r2, r3] partial sums of four rows.
+            let q0 = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(dot(0), dot(1)),
+                _mm256_hadd_epi32(dot(2), dot(3)),
+            );
+            let q1 = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(dot(4), dot(5)),
+                _mm256_hadd_epi32(dot(6), dot(7)),
+            );
+            let sums = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(q0, q1),
+                _mm256_permute2x128_si256::<0x31>(q0, q1),
+            );
+            let scale = _mm256_mul_ps(_mm256_set1_ps(wb[r].d), xd);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+            off[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb[r].shift), xds, off[r]);
+        }
+    }
+    std::array::from_fn(|r| _mm256_add_ps(acc[r], off[r]))
+}
+
 /// One weight row against four rows of `x` (prefill): each weight block is unpacked once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -433,11 +557,11 @@ unsafe fn dot_1<const F: u8>(w: &[u8], x: &[XBlock]) -> f32 {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn rows_avx2(fmt: Format, w: &[u8], xb: &[XBlock], kb: usize, m: usize, out: &mut [f32]) {
-    let rb = w.len() / (out.len() / m);
-    for (r, ys) in out.chunks_exact_mut(m).enumerate() {
+unsafe fn rows_avx2(fmt: Format, w: &[u8], x: &XRows, out: &mut [f32]) {
+    let rb = w.len() / (out.len() / x.m);
+    for (r, ys) in out.chunks_exact_mut(x.m).enumerate() {
         for (i, y) in ys.iter_mut().enumerate() {
-            *y = dot_scalar(fmt, &w[r * rb..(r + 1) * rb], &xb[i * kb..(i + 1) * kb]);
+            *y = dot_scalar(fmt, &w[r * rb..(r + 1) * rb], x.row(i));
         }
     }
 }
@@ -464,7 +588,12 @@ mod tests {
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
         ] {
-            for (m, n, k) in [(1usize, 70usize, 64usize), (6, 33, 576), (40, 128, 256)] {
+            for (m, n, k) in [
+                (1usize, 70usize, 64usize),
+                (6, 33, 576),
+                (13, 9, 576),
+                (40, 128, 256),
+            ] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 let q = Arc::new(QTensor::quantize(&w, dt)?);
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;

@@ -29,6 +29,12 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_TEXT = DATA / "moby_dick_ch1.txt"
 #: Session.compact's keyword options, which a method spec may set.
 _COMPACT_OPTIONS = set(inspect.signature(Session.compact).parameters) - {"self", "ratio", "budget"}
+#: Options whose values are words (`fit=none` is the string "none", not None).
+_WORD_OPTIONS = {
+    name
+    for name, p in inspect.signature(Session.compact).parameters.items()
+    if isinstance(p.default, str)
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
                     f"method spec {item!r}: bad option {o!r}; expected name=value with name one "
                     f"of {', '.join(sorted(_COMPACT_OPTIONS - {'method'}))}"
                 )
-            options[key] = _value(val.strip())
+            options[key] = val.strip() if key in _WORD_OPTIONS else _value(val.strip())
         specs.append(MethodSpec(item, name, options, kv_dtype))
     if not specs:
         raise ValueError("--methods is empty")
