@@ -313,8 +313,8 @@ unsafe fn tail_x4<const F: u8>(w: &[u8], x: &XRows, mut i: usize, o: &mut [f32])
         o[i..i + 4].copy_from_slice(&d);
         i += 4;
     }
-    for i in i..x.m {
-        o[i] = dot_1::<F>(w, x.row(i));
+    for (j, y) in o.iter_mut().enumerate().take(x.m).skip(i) {
+        *y = dot_1::<F>(w, x.row(j));
     }
 }
 
