@@ -257,8 +257,8 @@ unsafe fn rows_avx2(fmt: Format, w: &[u8], x: &XRows, out: &mut [f32]) {
 
 /// Tiles: four weight rows per pass for fewer than four rows of `x` (decode: four independent
 /// streams keep loads in flight, where one row at a time stalled on each block); otherwise
-/// (prefill) two weight rows against eight rows of `x` (each weight block unpacked once for
-/// the eight, each block of `x` loaded once for the two), then four rows of `x`, then one.
+/// (prefill) eight rows of `x` per pass (each weight block unpacked once for the eight, whose
+/// sums land in one vector), then four, then one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2_f<const F: u8>(w: &[u8], x: &XRows, out: &mut [f32]) {
@@ -278,25 +278,11 @@ unsafe fn rows_avx2_f<const F: u8>(w: &[u8], x: &XRows, out: &mut [f32]) {
             r += 4;
         }
     }
-    // Prefill: pairs of weight rows against eight rows of x at a time.
-    let m8 = if m >= 8 { m - m % 8 } else { 0 };
-    while m8 > 0 && r + 2 <= rows {
-        for i in (0..m8).step_by(8) {
-            let d = dots_x8::<F, 2>([wrow(r), wrow(r + 1)], x, i);
-            for (j, dj) in d.into_iter().enumerate() {
-                std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr().add((r + j) * m + i), dj);
-            }
-        }
-        for rr in r..r + 2 {
-            tail_x4::<F>(wrow(rr), x, m8, &mut out[rr * m..(rr + 1) * m]);
-        }
-        r += 2;
-    }
     for r in r..rows {
         let o = &mut out[r * m..(r + 1) * m];
         let mut i = 0;
         while i + 8 <= m {
-            let [d] = dots_x8::<F, 1>([wrow(r)], x, i);
+            let d = dots_x8::<F>(wrow(r), x, i);
             std::arch::x86_64::_mm256_storeu_ps(o.as_mut_ptr().add(i), d);
             i += 8;
         }
@@ -464,62 +450,55 @@ unsafe fn dots_w4<const F: u8>(w: [&[u8]; 4], x: &[XBlock]) -> [f32; 4] {
     [hsum(a0) + o0, hsum(a1) + o1, hsum(a2) + o2, hsum(a3) + o3]
 }
 
-/// `W` weight rows against rows `i0..i0 + 8` of `x` (prefill). Per block, the eight integer
-/// dot products of a weight row are reduced across lanes into one vector (lane j: row i0 + j),
-/// so scales and offsets apply as vectors: no scalar work per (block, row) pair, which was half
-/// of the four-row tile's instructions. Two weight rows share each load of `x`.
+/// One weight row against rows `i0..i0 + 8` of `x` (prefill). Per block, the eight integer
+/// dot products are reduced across lanes into one vector (lane j: row i0 + j), so the scales
+/// and offsets apply as vectors: no scalar work per (block, row) pair, which was half of the
+/// four-row tile's instructions. (Two weight rows per tile, sharing the loads of `x`, and
+/// AVX-512 VNNI's `dpbusd` both measured no faster.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots_x8<const F: u8, const W: usize>(
-    w: [&[u8]; W],
-    x: &XRows,
-    i0: usize,
-) -> [std::arch::x86_64::__m256; W] {
+unsafe fn dots_x8<const F: u8>(w: &[u8], x: &XRows, i0: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let (bb, kb, m) = (block_bytes::<F>(), x.kb, x.m);
+    let p = w.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let rows: [*const XBlock; 8] = std::array::from_fn(|j| x.blocks.as_ptr().add((i0 + j) * kb));
-    let mut acc = [_mm256_setzero_ps(); W];
-    let mut off = [_mm256_setzero_ps(); W];
+    let (mut acc, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for b in 0..kb {
-        let wb: [WBlock; W] = std::array::from_fn(|r| unpack::<F>(w[r].as_ptr().add(b * bb)));
-        let xq: [__m256i; 8] = std::array::from_fn(|j| {
-            _mm256_load_si256((*rows[j].add(b)).q.as_ptr() as *const __m256i)
-        });
-        let at = b * m + i0;
-        let (xd, xds) = (
-            _mm256_loadu_ps(x.d.as_ptr().add(at)),
-            _mm256_loadu_ps(x.ds.as_ptr().add(at)),
-        );
-        for r in 0..W {
-            let dot = |j: usize| {
-                // maddubs multiplies unsigned by signed: for Q8_0 move w's sign onto x.
-                let q = if F == F_Q8_0 {
-                    _mm256_sign_epi8(xq[j], wb[r].signed)
-                } else {
-                    xq[j]
-                };
-                _mm256_madd_epi16(_mm256_maddubs_epi16(wb[r].u, q), ones)
+        let wb = unpack::<F>(p.add(b * bb));
+        let dot = |j: usize| {
+            let xq = _mm256_load_si256((*rows[j].add(b)).q.as_ptr() as *const __m256i);
+            // maddubs multiplies unsigned by signed: for Q8_0 move w's sign onto x.
+            let xq = if F == F_Q8_0 {
+                _mm256_sign_epi8(xq, wb.signed)
+            } else {
+                xq
             };
-            // hadd twice: lanes [r0, r1, r2, r3 | r0, r1, r2, r3] partial sums of four rows.
-            let q0 = _mm256_hadd_epi32(
-                _mm256_hadd_epi32(dot(0), dot(1)),
-                _mm256_hadd_epi32(dot(2), dot(3)),
-            );
-            let q1 = _mm256_hadd_epi32(
-                _mm256_hadd_epi32(dot(4), dot(5)),
-                _mm256_hadd_epi32(dot(6), dot(7)),
-            );
-            let sums = _mm256_add_epi32(
-                _mm256_permute2x128_si256::<0x20>(q0, q1),
-                _mm256_permute2x128_si256::<0x31>(q0, q1),
-            );
-            let scale = _mm256_mul_ps(_mm256_set1_ps(wb[r].d), xd);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
-            off[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb[r].shift), xds, off[r]);
-        }
+            _mm256_madd_epi16(_mm256_maddubs_epi16(wb.u, xq), ones)
+        };
+        // hadd twice: lanes [r0, r1, r2, r3 | r0, r1, r2, r3] partial sums of four rows.
+        let q0 = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(dot(0), dot(1)),
+            _mm256_hadd_epi32(dot(2), dot(3)),
+        );
+        let q1 = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(dot(4), dot(5)),
+            _mm256_hadd_epi32(dot(6), dot(7)),
+        );
+        let sums = _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(q0, q1),
+            _mm256_permute2x128_si256::<0x31>(q0, q1),
+        );
+        let at = b * m + i0;
+        let scale = _mm256_mul_ps(_mm256_set1_ps(wb.d), _mm256_loadu_ps(x.d.as_ptr().add(at)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+        off = _mm256_fmadd_ps(
+            _mm256_set1_ps(wb.shift),
+            _mm256_loadu_ps(x.ds.as_ptr().add(at)),
+            off,
+        );
     }
-    std::array::from_fn(|r| _mm256_add_ps(acc[r], off[r]))
+    _mm256_add_ps(acc, off)
 }
 
 /// One weight row against four rows of `x` (prefill): each weight block is unpacked once.
