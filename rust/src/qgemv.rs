@@ -32,8 +32,9 @@ struct XBlock {
     ds: f32,
 }
 
-/// The rows of `x` quantized: `blocks [m][kb]`, and their scales and `d * sum(q)` again as
-/// `[kb][m]`, so the prefill tile reads eight rows' scales with one load.
+/// The rows of `x` quantized: `blocks [m][kb]`, and, for eight rows or more (the prefill
+/// tile, which reads eight rows' scales with one load), their scales and `d * sum(q)` again as
+/// `[kb][m]`. Decode builds no copies.
 struct XRows {
     blocks: Vec<XBlock>,
     d: Vec<f32>,
@@ -52,7 +53,10 @@ impl XRows {
                 .map(|j| f(&blocks[j]))
                 .collect()
         };
-        let (d, ds) = (by_block(|b| b.d), by_block(|b| b.ds));
+        let (d, ds) = match m >= 8 {
+            true => (by_block(|b| b.d), by_block(|b| b.ds)),
+            false => (Vec::new(), Vec::new()),
+        };
         Self {
             blocks,
             d,

@@ -94,8 +94,8 @@ fn softmax_fold_body(x: &mut [f32], acc: &mut [f32], fold: Fold) -> (f32, f64) {
     let inv = (1.0 / sum) as f32;
     let acc = &mut acc[..x.len()];
     // Weights below 1e-18 fold as 0 (tested before the product): they and their squares
-    // would be denormals, which cost a
-    // microcode assist per element on x86, and they cannot change a ranking that matters.
+    // would be denormals, which cost a microcode assist per element on x86, and they cannot
+    // change a ranking that matters.
     let tiny = (1e-18 * sum) as f32;
     let weight = |e: f32| if e < tiny { 0.0 } else { e * inv };
     match fold {

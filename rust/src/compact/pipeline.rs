@@ -396,21 +396,17 @@ fn share_tova(heads: &mut [Scored], opts: &Options) {
 }
 
 /// A layer's heads scored by a [`ScoringPass`](crate::compact::score_pass::ScoringPass):
-/// `(scores of every key, keys, mean entropy)` per head, `extra` of them the pass's own
+/// `(scores of every key, mean entropy)` per head, the last `extra` keys being the pass's own
 /// tokens. Selection-only (no fit data), as [`score_layer`] without `keep_logits`.
-pub fn scored_from_pass(
-    layer: Vec<(Vec<f32>, usize, f64)>,
-    extra: usize,
-    opts: &Options,
-) -> Vec<Scored> {
+pub fn scored_from_pass(layer: Vec<(Vec<f32>, f64)>, extra: usize, opts: &Options) -> Vec<Scored> {
     let mut heads: Vec<Scored> = layer
         .into_iter()
-        .map(|(all, n, entropy)| {
+        .map(|(all, entropy)| {
             let mut s = Scored {
                 k: Vec::new(),
                 v: Vec::new(),
                 bias: Vec::new(),
-                n,
+                n: all.len(),
                 extra,
                 fit_q: None,
                 fit_e: None,

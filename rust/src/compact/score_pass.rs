@@ -19,8 +19,6 @@ use crate::error::Result;
 /// Per-key score accumulators of every (layer, KV head), filled by [`ScoringPass::attend`].
 pub struct ScoringPass {
     accs: Vec<Vec<ScoreAcc>>,
-    /// Keys per head when each layer was last scored (context plus the pass's own tokens).
-    lens: Vec<Vec<usize>>,
     scale: f32,
 }
 
@@ -38,7 +36,6 @@ impl ScoringPass {
             accs: (0..n_layers)
                 .map(|_| (0..n_kv).map(|_| acc()).collect())
                 .collect(),
-            lens: vec![vec![0; n_kv]; n_layers],
             scale,
         }
     }
@@ -57,9 +54,8 @@ impl ScoringPass {
             .heads
             .par_iter()
             .zip(self.accs[l].par_iter_mut())
-            .zip(self.lens[l].par_iter_mut())
             .enumerate()
-            .map(|(h, ((head, acc), len))| -> Result<Vec<f32>> {
+            .map(|(h, (head, acc))| -> Result<Vec<f32>> {
                 let n = head.len();
                 let (k, v, bias) = (
                     f32s(&head.keys()?)?,
@@ -67,7 +63,6 @@ impl ScoringPass {
                     f32s(&head.bias()?)?,
                 );
                 acc.grow(n);
-                *len = n;
                 let rows = g * t;
                 let mut e = Vec::new();
                 logits_t_into(
@@ -109,15 +104,14 @@ impl ScoringPass {
         Ok(out.to_dtype(q.dtype())?)
     }
 
-    /// Layer `l`'s scores: per KV head, the score of every key it had when last scored, and
-    /// the mean attention entropy of the queries.
-    pub fn finish_layer(&mut self, l: usize) -> Vec<(Vec<f32>, usize, f64)> {
+    /// Layer `l`'s scores: per KV head, the score of every key it had when last scored
+    /// (context plus the pass's own tokens), and the mean attention entropy of the queries.
+    pub fn finish_layer(&mut self, l: usize) -> Vec<(Vec<f32>, f64)> {
         std::mem::take(&mut self.accs[l])
             .into_iter()
-            .zip(&self.lens[l])
-            .map(|(acc, &n)| {
+            .map(|acc| {
                 let entropy = acc.mean_entropy();
-                (acc.finish(), n, entropy)
+                (acc.finish(), entropy)
             })
             .collect()
     }
@@ -163,9 +157,10 @@ mod tests {
             }
             let q = Tensor::cat(&qs, 1)?; // [n_heads, 8, d]
             let scores = pass.finish_layer(0);
-            for (h, (got, n, entropy)) in scores.into_iter().enumerate() {
+            for (h, (got, entropy)) in scores.into_iter().enumerate() {
                 let head = c.head(0, h);
-                assert_eq!(n, head.len());
+                let n = head.len();
+                assert_eq!(got.len(), n);
                 let rows = q.narrow(0, h * g, g)?.reshape((g * 8, d))?;
                 let f = |t: &Tensor| -> Result<Vec<f32>> { f32s(t) };
                 let lt = logits_t(&f(&rows)?, &f(&head.keys()?)?, &f(&head.bias()?)?, d, scale);
