@@ -11,7 +11,9 @@
 #   WHEEL: default the newest target/wheels-cuda/*.whl. BASELINE_WHEEL: another build (say, the
 #   previous commit's) whose kvfast speed is measured in the same run, as "before".
 # Env: OUT (results folder, default gpu-out), GPU_BENCH_ARGS (extra args for gpu_speed.py),
-#      GPU_TESTS_ONLY=1 (skip the benchmark), GPU_BENCH_ONLY=1 (skip the tests).
+#      GPU_TESTS_ONLY=1 (skip the benchmark), GPU_BENCH_ONLY=1 (skip the tests),
+#      GPU_PROFILE=1 (before the benchmark, per-kernel device times of WHEEL and BASELINE_WHEEL
+#      from benches/gpu_profile.py, args in GPU_PROFILE_ARGS, into $OUT/profile-*.json).
 # Exit status: non-zero when a GPU test failed (the benchmark still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,14 @@ tests=0
 if [ "${GPU_BENCH_ONLY:-0}" != 1 ]; then
   python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
   tests=${PIPESTATUS[0]}
+fi
+if [ "${GPU_PROFILE:-0}" = 1 ]; then
+  # shellcheck disable=SC2086
+  python3 benches/gpu_profile.py --out "$OUT" --label new ${GPU_PROFILE_ARGS:-}
+  if [ -n "${2:-}" ]; then
+    # shellcheck disable=SC2086
+    PYTHONPATH="$BASE_SITE" python3 benches/gpu_profile.py --out "$OUT" --label baseline ${GPU_PROFILE_ARGS:-}
+  fi
 fi
 if [ "${GPU_TESTS_ONLY:-0}" != 1 ]; then
   # shellcheck disable=SC2086

@@ -124,17 +124,20 @@ def test_packed_layers_match_the_per_head_loop_on_gpu(monkeypatch: pytest.Monkey
     assert err <= 1e-4, f"packed vs per-head attention on {DEVICE}: {err:.2e}"
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("kernels", ["grouped", "per-head", "candle"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_cuda_graph_decode_matches_one_shot_prefill(
-    dtype: str, fused: str, monkeypatch: pytest.MonkeyPatch
+    dtype: str, kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Decode steps replayed from CUDA graphs (the default on CUDA) over 500 tokens from a
     # 600-token prompt: two captures (spans 1024 and 1536, across a capacity doubling), the
     # rest replays; every step's logits equal an f32 one-shot prefill of the same tokens (f32
-    # 1e-3; bf16 see below). With the fused kernels (default) and with the candle-op step
-    # (KVFAST_FUSED=0).
+    # 1e-3; bf16 see below). With the fused kernels (default; the attention kernel that reads
+    # each KV head once for its query group, and with KVFAST_ATTN=head the per-query-head one
+    # that odd head sizes take) and with the candle-op step (KVFAST_FUSED=0).
+    fused = "0" if kernels == "candle" else "1"
     monkeypatch.setenv("KVFAST_FUSED", fused)
+    monkeypatch.setenv("KVFAST_ATTN", "head" if kernels == "per-head" else "group")
     prompt = [1 + (i * 7919) % 8000 for i in range(600)]
     e = Session.from_pretrained(dtype=dtype, device=DEVICE).engine
     e.prefill(prompt, logits=None)

@@ -31,6 +31,10 @@ pub fn attend(q: &Tensor, layer: &LayerCache, scale: f64) -> Result<Tensor> {
 /// buffers), every head the same length and no bias. Candle ops only, so every backend runs it.
 pub fn attend_packed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let t = q.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if t > 1 && crate::fused::available(q) {
+        return attend_causal_fused(q, k, v, scale);
+    }
     let mask = if t > 1 {
         Some(causal_mask(t, k.dim(1)?, q.device())?)
     } else {
@@ -63,6 +67,21 @@ pub fn attend_masked(
     }
     let p = candle_nn::ops::softmax_last_dim(&logits)?.to_dtype(v.dtype())?;
     Ok(p.matmul(v)?.reshape((n_heads, t, d))?)
+}
+
+/// [`attend_packed`] for a prefill chunk on CUDA: the two products in the model dtype and one
+/// kernel for the causal softmax in place over their logits (f32 math), instead of an f32 copy
+/// of the logits, a mask add, a softmax and a cast back (on an H200 those four were 87% of an
+/// 8k-token prefill; docs/gpu.md).
+#[cfg(feature = "cuda")]
+fn attend_causal_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n_heads, t, d) = q.dims3()?;
+    let n_kv = k.dim(0)?;
+    let g = n_heads / n_kv;
+    let q = (q * scale)?.reshape((n_kv, g * t, d))?;
+    let logits = q.matmul(&k.t()?)?;
+    crate::fused::causal_softmax(&logits, t)?;
+    Ok(logits.matmul(v)?.reshape((n_heads, t, d))?)
 }
 
 /// The GEMM formulation (prefill chunks, GPU): candle ops only, so every backend runs it.

@@ -122,11 +122,12 @@ pub struct GraphStats {
     /// Static steps run eagerly (the step before each capture, or all in eager mode).
     pub eager_steps: usize,
     pub capture_seconds: f64,
-    /// Wall time of replayed steps, from writing the inputs to the logits on the host (the
-    /// GPU's share of a token plus two small transfers).
+    /// Wall time of replayed steps, from writing the inputs to a device copy of the logits
+    /// (the GPU's share of a token plus a small upload).
     pub replay_seconds: f64,
     /// The replayed steps' time split: writing the inputs, launching the graph (host), its
-    /// GPU time (CUDA events around the launch), waiting for it, copying the logits back.
+    /// GPU time (CUDA events around the launch), waiting for it, copying the logits out of
+    /// the graph's buffer (on the device; the host reads them, or only their argmax, later).
     pub inputs_seconds: f64,
     pub launch_seconds: f64,
     pub gpu_seconds: f64,
@@ -185,13 +186,9 @@ impl DecodeGraphs {
     }
 
     /// Runs the decode step of token `id` through the static path when it applies, advancing
-    /// `cache`; returns its f32 logits, or None when the caller must run the ordinary step.
-    pub fn step(
-        &mut self,
-        model: &Qwen3,
-        cache: &mut KvCache,
-        id: u32,
-    ) -> Result<Option<Vec<f32>>> {
+    /// `cache`; returns its f32 logits `[1, vocab]` on the model's device (a copy: the next
+    /// step overwrites the fixed buffer), or None when the caller must run the ordinary step.
+    pub fn step(&mut self, model: &Qwen3, cache: &mut KvCache, id: u32) -> Result<Option<Tensor>> {
         self.step_in(mode(), model, cache, id)
     }
 
@@ -202,7 +199,7 @@ impl DecodeGraphs {
         model: &Qwen3,
         cache: &mut KvCache,
         id: u32,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<Tensor>> {
         let eligible = match mode {
             Mode::Off => false,
             Mode::Graph => model.device().is_cuda() && self.stats.error.is_none(),
@@ -263,7 +260,7 @@ impl DecodeGraphs {
         }
         let cur = self.current.as_ref().expect("still set");
         let t_copy = std::time::Instant::now();
-        let logits = cur.io.logits.flatten_all()?.to_vec1::<f32>()?;
+        let logits = cur.io.logits.copy()?;
         if replay {
             self.stats.copy_seconds += t_copy.elapsed().as_secs_f64();
             self.stats.replay_seconds += t0.elapsed().as_secs_f64();
@@ -393,7 +390,7 @@ mod tests {
             let got = match graphs.step_in(Mode::Eager, &model, &mut b, id)? {
                 Some(l) => {
                     static_steps += 1;
-                    l
+                    l.flatten_all()?.to_vec1::<f32>()?
                 }
                 // Capacity full: the ordinary step grows the buffers, as the engine does.
                 None => ordinary_step(&model, &mut b, id)?,

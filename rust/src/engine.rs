@@ -31,11 +31,19 @@ pub enum LogitsWant {
     All,
 }
 
+/// The newest token's logits. A CUDA-graph step leaves them on the device, and they come to the
+/// host only when something reads them: greedy decoding reads their argmax alone.
+#[derive(Debug, Clone)]
+enum LastLogits {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
 pub struct Engine {
     pub model: Qwen3,
     pub cache: KvCache,
     /// f32 logits after the last cached token (None for an empty cache).
-    last_logits: Option<Vec<f32>>,
+    last_logits: Option<LastLogits>,
     history: Vec<u32>,
     /// How many of the newest tokens are still exact in every head (not compacted): the ones
     /// whose queries can be recomputed by re-running them.
@@ -170,8 +178,21 @@ impl Engine {
         &self.history
     }
 
-    pub fn last_logits(&self) -> Option<&[f32]> {
-        self.last_logits.as_deref()
+    /// The newest token's logits (copied to the host here if a decode step left them on the
+    /// device).
+    pub fn last_logits(&mut self) -> Result<Option<&[f32]>> {
+        if let Some(LastLogits::Device(t)) = &self.last_logits {
+            self.last_logits = Some(LastLogits::Host(t.flatten_all()?.to_vec1::<f32>()?));
+        }
+        Ok(match &self.last_logits {
+            Some(LastLogits::Host(v)) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// Whether there are logits to continue from (a prefilled, non-empty context).
+    pub fn has_logits(&self) -> bool {
+        self.last_logits.is_some()
     }
 
     pub fn reset(&mut self) -> Result<()> {
@@ -225,11 +246,12 @@ impl Engine {
                 );
             }
             let last = hidden.narrow(0, chunk.len() - 1, 1)?;
-            self.last_logits = Some(self.model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?);
+            let logits = self.model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?;
+            self.last_logits = Some(LastLogits::Host(logits));
         }
         Ok(match want {
             LogitsWant::None => None,
-            LogitsWant::Last => self.last_logits.clone(),
+            LogitsWant::Last => self.last_logits()?.map(<[f32]>::to_vec),
             LogitsWant::All => Some(all),
         })
     }
@@ -241,7 +263,7 @@ impl Engine {
 
     fn score_inner(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        let first = self.last_logits.as_ref().ok_or_else(|| {
+        let first = self.last_logits()?.ok_or_else(|| {
             Error::invalid(
                 "cannot score the first token: the cache is empty (prefill a prefix first)",
             )
@@ -263,7 +285,8 @@ impl Engine {
                 nll.extend(picked.into_iter().map(|x| -x));
             }
             let last = hidden.narrow(0, chunk.len() - 1, 1)?;
-            self.last_logits = Some(self.model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?);
+            let logits = self.model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?;
+            self.last_logits = Some(LastLogits::Host(logits));
             offset += chunk.len();
         }
         Ok(nll)
@@ -275,16 +298,31 @@ impl Engine {
     }
 
     fn step_inner(&mut self, sampler: &mut Sampler) -> Result<u32> {
-        let logits = self.last_logits.as_ref().ok_or_else(|| {
-            Error::invalid("nothing to continue from: the cache is empty; prefill a prompt first")
-        })?;
-        let id = sampler.sample(logits, &self.history);
+        let id = match &self.last_logits {
+            None => {
+                return Err(Error::invalid(
+                    "nothing to continue from: the cache is empty; prefill a prompt first",
+                ))
+            }
+            // Greedy from logits still on the device: only the argmax travels (4 bytes, not the
+            // vocabulary's logits, and no host scan of them).
+            Some(LastLogits::Device(t)) if sampler.is_greedy() => {
+                t.flatten_all()?.argmax(0)?.to_scalar::<u32>()?
+            }
+            Some(_) => {
+                self.last_logits()?;
+                let Some(LastLogits::Host(logits)) = &self.last_logits else {
+                    unreachable!("last_logits() leaves host logits")
+                };
+                sampler.sample(logits, &self.history)
+            }
+        };
         self.check_ids(&[id])?;
         match self.graphs.step(&self.model, &mut self.cache, id)? {
             Some(logits) => {
                 self.history.push(id);
                 self.exact_tail += 1;
-                self.last_logits = Some(logits);
+                self.last_logits = Some(LastLogits::Device(logits));
             }
             None => {
                 self.prefill_inner(&[id], LogitsWant::None)?;

@@ -15,8 +15,21 @@
 
 use candle_core::{DType, Tensor};
 
-/// Keys per split of the attention kernel (one block per query head and split).
+/// Keys per split of the per-query-head attention kernel (one block per query head and split).
 pub const ATTN_CHUNK: usize = 256;
+
+/// Keys per split of the grouped attention kernel for a graph's `span`: the largest power of
+/// two from 32 to 256 that still gives `n_kv * splits` at least two blocks per multiprocessor
+/// of an H100 (132), so a short span is spread over the whole GPU. Each split's loop is then
+/// short: at a 512-row span, 32 keys (4 steps per warp, against 256 serial steps before).
+pub fn group_chunk(span: usize, n_kv: usize) -> usize {
+    const TARGET_BLOCKS: usize = 264;
+    let mut chunk = 256;
+    while chunk > 32 && n_kv * span.div_ceil(chunk) < TARGET_BLOCKS {
+        chunk /= 2;
+    }
+    chunk
+}
 
 /// Whether the fused kernels serve tensors like `x`.
 pub fn available(x: &Tensor) -> bool {
@@ -39,7 +52,7 @@ pub struct Dims {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::{add_rms_norm, attention, gemv, qkv_rope_store, silu_mul};
+pub use cuda::{add_rms_norm, attention, causal_softmax, gemv, qkv_rope_store, silu_mul, RowInput};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -168,54 +181,133 @@ mod cuda {
     ) -> Result<Tensor> {
         let dev = cuda(q)?;
         let stream = dev.cuda_stream();
-        let (nh, d) = (dims.n_heads, dims.head_dim);
-        let splits = span.div_ceil(ATTN_CHUNK).max(1);
-        let part = unsafe { Tensor::empty((nh, splits, d + 2), DType::F32, q.device())? };
-        let out = unsafe { Tensor::empty((1, nh * d), q.dtype(), q.device())? };
+        let (nh, nkv, d) = (dims.n_heads, dims.n_kv, dims.head_dim);
+        let g = nh / nkv;
         let ptrs = [
             addr(q, &stream)?,
             addr(kbuf, &stream)?,
             addr(vbuf, &stream)?,
             addr(inputs, &stream)?,
-            addr(&part, &stream)?,
         ];
-        let (g, d_, cap) = ((nh / dims.n_kv) as i32, d as i32, dims.capacity as i32);
-        let (chunk, n_splits) = (ATTN_CHUNK as i32, splits as i32);
-        let f = func(&dev, "attn_partial", q.dtype())?;
-        let mut b = stream.launch_builder(&f);
-        for p in &ptrs {
-            b.arg(p);
+        let grouped = group_kernel(g, d, q.dtype())
+            .filter(|_| ptrs[1] % 16 == 0 && ptrs[2] % 16 == 0)
+            .filter(|_| std::env::var("KVFAST_ATTN").map_or(true, |v| v != "head"));
+        let chunk = match grouped {
+            Some(_) => super::group_chunk(span, nkv),
+            None => ATTN_CHUNK,
+        };
+        let splits = span.div_ceil(chunk).max(1);
+        let part = unsafe { Tensor::empty((nh, splits, d + 2), DType::F32, q.device())? };
+        let out = unsafe { Tensor::empty((1, nh * d), q.dtype(), q.device())? };
+        let part_p = addr(&part, &stream)?;
+        let (g_, d_, cap) = (g as i32, d as i32, dims.capacity as i32);
+        let (chunk_, n_splits) = (chunk as i32, splits as i32);
+        match grouped {
+            Some(name) => {
+                let f = func(&dev, name, q.dtype())?;
+                let mut b = stream.launch_builder(&f);
+                for p in &ptrs {
+                    b.arg(p);
+                }
+                b.arg(&part_p)
+                    .arg(&d_)
+                    .arg(&cap)
+                    .arg(&chunk_)
+                    .arg(&scale)
+                    .arg(&n_splits);
+                let shared = g * chunk + 32 + (GROUP_THREADS / 32) * g * d;
+                unsafe { b.launch(cfg((nkv, splits), GROUP_THREADS, shared)) }.map_err(driver)?;
+            }
+            None => {
+                let f = func(&dev, "attn_partial", q.dtype())?;
+                let mut b = stream.launch_builder(&f);
+                for p in &ptrs {
+                    b.arg(p);
+                }
+                b.arg(&part_p)
+                    .arg(&g_)
+                    .arg(&d_)
+                    .arg(&cap)
+                    .arg(&chunk_)
+                    .arg(&scale)
+                    .arg(&n_splits);
+                unsafe { b.launch(cfg((nh, splits), 128, d + chunk + 32)) }.map_err(driver)?;
+            }
         }
-        b.arg(&g)
-            .arg(&d_)
-            .arg(&cap)
-            .arg(&chunk)
-            .arg(&scale)
-            .arg(&n_splits);
-        unsafe { b.launch(cfg((nh, splits), 128, d + ATTN_CHUNK + 32)) }.map_err(driver)?;
-        let (part_p, out_p) = (ptrs[4], addr(&out, &stream)?);
+        let out_p = addr(&out, &stream)?;
         let f = func(&dev, "attn_combine", q.dtype())?;
         let mut b = stream.launch_builder(&f);
         b.arg(&part_p).arg(&out_p).arg(&d_).arg(&n_splits);
-        unsafe { b.launch(cfg((nh, 1), 128, 0)) }.map_err(driver)?;
+        unsafe { b.launch(cfg((nh, 1), 128, splits + 32)) }.map_err(driver)?;
         Ok(out)
     }
 
-    /// `x W^T (+ b)` for one row `x` `[1, k]` and `W` `[n, k]` (the checkpoint's layout, so each
-    /// output reads one contiguous row): one warp per output, 16-byte loads. None when the
-    /// shapes or alignment do not suit it (the caller uses cuBLAS). cuBLAS's GEMM for one row
-    /// ran these products at a small fraction of the memory bandwidth (docs/gpu.md).
-    pub fn gemv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    /// Threads per block of the grouped attention kernel.
+    const GROUP_THREADS: usize = 128;
+
+    /// The grouped attention kernel for `g` query heads per KV head and head size `d`, when
+    /// one is compiled for them: `g` in {1, 2, 4, 8} and a key row of a power-of-two count of
+    /// 16-byte vectors, at most 32 (one warp). Other shapes take the per-query-head kernel.
+    fn group_kernel(g: usize, d: usize, dtype: DType) -> Option<&'static str> {
+        let vec = 16 / dtype.size_in_bytes();
+        let lanes = d / vec;
+        let fits = d % vec == 0 && lanes.is_power_of_two() && lanes <= 32;
+        let name = match g {
+            1 => "attn_group1",
+            2 => "attn_group2",
+            4 => "attn_group4",
+            8 => "attn_group8",
+            _ => return None,
+        };
+        fits.then_some(name)
+    }
+
+    /// What the GEMV kernel stages as its input row (`GEMV_*` in `kernels/decode.cu`).
+    #[derive(Debug, Clone, Copy)]
+    pub enum RowInput<'a> {
+        /// `x` itself.
+        Plain,
+        /// SwiGLU of `x` = gate | up `[1, 2k]`.
+        Silu,
+        /// `rmsnorm(x + y) * w` (`y` None: of `x`); the kernel also returns `x + y`.
+        Norm {
+            y: Option<&'a Tensor>,
+            w: &'a Tensor,
+            eps: f32,
+        },
+    }
+
+    /// `x' W^T (+ b)` for one row `x'` `[1, k]` made from `x` as `input` says, and `W` `[n, k]`
+    /// (the checkpoint's layout, so each output reads one contiguous row): one warp per output,
+    /// 16-byte loads. Returns `(y, x + y)`, the second only for [`RowInput::Norm`] with a `y`.
+    /// None when the shapes or alignment do not suit it (the caller runs the separate ops).
+    /// cuBLAS's GEMM for one row ran these products at a small fraction of the memory bandwidth
+    /// (docs/gpu.md).
+    pub fn gemv(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        input: RowInput<'_>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let dev = cuda(x)?;
         let stream = dev.cuda_stream();
         let (n, k) = w.dims2()?;
         let size = x.dtype().size_in_bytes();
-        let fits = x.dims() == [1, k]
+        let row = match input {
+            RowInput::Silu => 2 * k,
+            _ => k,
+        };
+        let same = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous() && t.elem_count() == k;
+        let fits = x.dims() == [1, row]
             && x.is_contiguous()
             && w.dtype() == x.dtype()
             && w.is_contiguous()
             && k % (16 / size) == 0
-            && k * size <= 48 * 1024;
+            && k * size <= 48 * 1024 - 256
+            && match input {
+                RowInput::Norm { y, w, .. } => same(w) && y.is_none_or(same),
+                _ => true,
+            };
         if !fits {
             return Ok(None);
         }
@@ -223,19 +315,59 @@ mod cuda {
         if wp % 16 != 0 {
             return Ok(None);
         }
-        let y = unsafe { Tensor::empty((1, n), x.dtype(), x.device())? };
+        let out = unsafe { Tensor::empty((1, n), x.dtype(), x.device())? };
         let bias = match b {
             Some(b) => addr(b, &stream)?,
             None => 0,
         };
-        let (xp, yp) = (addr(x, &stream)?, addr(&y, &stream)?);
+        let (mode, y_in, nw, eps) = match input {
+            RowInput::Plain => (0i32, None, None, 0f32),
+            RowInput::Silu => (1, None, None, 0.0),
+            RowInput::Norm { y, w, eps } => (2, y, Some(w), eps),
+        };
+        let xo = match y_in {
+            Some(_) => Some(unsafe { Tensor::empty((1, k), x.dtype(), x.device())? }),
+            None => None,
+        };
+        let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| addr(t, &stream));
+        let ptrs = [addr(x, &stream)?, wp, bias, addr(&out, &stream)?];
+        let extra = [opt(y_in)?, opt(nw)?, opt(xo.as_ref())?];
         let (n_, k_) = (n as i32, k as i32);
         let f = func(&dev, "gemv", x.dtype())?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&xp).arg(&wp).arg(&bias).arg(&yp).arg(&n_).arg(&k_);
-        unsafe { l.launch(cfg((n.div_ceil(8), 1), 256, (k * size).div_ceil(4))) }
-            .map_err(driver)?;
-        Ok(Some(y))
+        for p in &ptrs {
+            l.arg(p);
+        }
+        l.arg(&n_).arg(&k_).arg(&mode);
+        for p in &extra {
+            l.arg(p);
+        }
+        l.arg(&eps);
+        let shared_floats = (k * size).div_ceil(16) * 4 + 36;
+        unsafe { l.launch(cfg((n.div_ceil(8), 1), 256, shared_floats)) }.map_err(driver)?;
+        Ok(Some((out, xo)))
+    }
+
+    /// Causal softmax of prefill logits `[n_kv, g * t, n]` in place: row `r` is query
+    /// `r % t` of the chunk, which sees keys `0..=n - t + r % t`. `x` must be contiguous and
+    /// not shared (the caller's fresh product).
+    pub fn causal_softmax(x: &Tensor, t: usize) -> Result<()> {
+        let dev = cuda(x)?;
+        let stream = dev.cuda_stream();
+        let n = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / n;
+        if t == 0 || t > n || rows % t != 0 {
+            return Err(Error::invalid(format!(
+                "causal softmax: {rows} rows of {n} keys do not hold {t}-query groups"
+            )));
+        }
+        let p = addr(x, &stream)?;
+        let (n_, t_) = (n as i32, t as i32);
+        let f = func(&dev, "causal_softmax", x.dtype())?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p).arg(&n_).arg(&t_);
+        unsafe { l.launch(cfg((rows, 1), 256, 0)) }.map_err(driver)?;
+        Ok(())
     }
 
     /// SwiGLU of one row: `gu` `[1, 2f]` (gate | up) -> `[1, f]`.
@@ -279,5 +411,29 @@ mod cuda {
 
     fn driver(e: candle_core::cuda::cudarc::driver::DriverError) -> Error {
         Error::invalid(format!("fused decode kernel launch: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_chunk;
+
+    #[test]
+    fn group_chunk_spreads_short_spans_and_caps_long_ones() {
+        // Qwen3-0.6B / 4B (8 KV heads): a 512-row span gets the smallest chunk (128 blocks),
+        // 4096 rows 64-key chunks (512 blocks), and long spans the largest.
+        assert_eq!(group_chunk(512, 8), 32);
+        assert_eq!(group_chunk(4096, 8), 64);
+        assert_eq!(group_chunk(32768, 8), 256);
+        // Every choice is a power of two in 32..=256 with enough blocks when the span allows.
+        for span in [1, 100, 512, 1000, 2048, 5000, 65536] {
+            for n_kv in [1, 2, 4, 8, 16] {
+                let c = group_chunk(span, n_kv);
+                assert!(c.is_power_of_two() && (32..=256).contains(&c), "{span} {n_kv} {c}");
+                if c > 32 {
+                    assert!(n_kv * span.div_ceil(c) >= 264, "{span} {n_kv} {c}");
+                }
+            }
+        }
     }
 }

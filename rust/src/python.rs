@@ -233,9 +233,9 @@ impl Engine {
         f32_array(py, nll, None)
     }
 
-    fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn last_logits<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         self.core
-            .last_logits()
+            .last_logits()?
             .map(|l| f32_array(py, l.to_vec(), None))
             .transpose()
     }
@@ -262,7 +262,7 @@ impl Engine {
             repetition_penalty,
         };
         let sampler = Sampler::new(params, seed)?;
-        if slf.borrow().core.last_logits().is_none() {
+        if !slf.borrow().core.has_logits() {
             return Err(PyValueError::new_err(
                 "nothing to continue from: the cache is empty; prefill a prompt first",
             ));

@@ -67,9 +67,17 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
+    /// Whether every pick is the argmax of the logits as given (temperature 0, no penalty).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+    }
+
     /// Picks the next token. `history` is every token id in context (for the repetition penalty).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        if self.is_greedy() {
+            return argmax(logits);
+        }
         let mut logits = logits.to_vec();
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];

@@ -1,5 +1,5 @@
-// Fused kernels of the static decode step (one token; see rust/src/fused.rs). Compiled at run
-// time with NVRTC, so no CUDA headers: bf16 values travel as raw 16-bit words and every
+// Fused kernels of the static decode step (one token; see rust/src/fused.rs). build.rs compiles
+// them to PTX with nvcc; bf16 values travel as raw 16-bit words (no cuda_bf16.h) and every
 // kernel computes in f32. Each kernel exists for f32 and bf16 (`_f32`, `_bf16`).
 
 typedef unsigned short bf16_t;
@@ -156,25 +156,197 @@ __device__ void attn_partial(const T* q, const T* kbuf, const T* vbuf, const u32
     }
 }
 
+// 16-byte vector -> floats: 4 f32 or 8 bf16 values.
+__device__ __forceinline__ void unpack(uint4 v, float* f, const float*) {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(uint4 v, float* f, const bf16_t*) {
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Split-K decode attention, pass 1, for the G query heads of one KV head: block (KV head
+// blockIdx.x, split blockIdx.y) reads its keys and values once for all of them (the per-query-
+// head kernel above read them G times). A key row is read as d / VEC 16-byte vectors by as many
+// lanes, so a warp covers 32 * VEC / d keys per step and each lane keeps UNROLL loads in flight:
+// the serial chain per warp is chunk / (keys per block step * UNROLL) loads long, not chunk / 4
+// (scores) and chunk (values) as above. Needs d / VEC a power of two <= 32 and 16-byte aligned
+// rows (the host checks). Writes the same partials as attn_partial. blockDim 128; shared
+// (G * chunk + 32 + (blockDim / 32) * G * d) floats.
+template <typename T, int G>
+__device__ void attn_group(const T* q, const T* kbuf, const T* vbuf, const u32* inputs,
+                           float* part, int d, int cap, int chunk, float scale, int n_splits) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int UNROLL = 4;
+    const int L = d / VEC;
+    const int KPW = 32 / L;
+    int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    int lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    int sub = lane / L, slot = lane % L;
+    int n = (int)inputs[2] + 1;
+    int start = split * chunk;
+    int len = min(chunk, n - start);
+    float* lg = sh;
+    float* red = lg + G * chunk;
+    float* acc_sh = red + 32;
+    if (len <= 0) {
+        for (int hh = 0; hh < G; ++hh) {
+            float* out = part + ((long)(kvh * G + hh) * n_splits + split) * (d + 2);
+            for (int i = tid; i < d; i += blockDim.x) out[i] = 0.f;
+            if (tid == 0) {
+                out[d] = NEG_INF;
+                out[d + 1] = 0.f;
+            }
+        }
+        return;
+    }
+    float qr[G][VEC];
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+            qr[hh][e] = ld(q, (long)(kvh * G + hh) * d + slot * VEC + e) * scale;
+    const int step = nw * KPW;
+    const T* K = kbuf + ((long)kvh * cap + start) * d;
+    // The loop bounds are the same for every lane of a warp, so the shuffles see all 32.
+    for (int b = warp * KPW; b < len; b += step * UNROLL) {
+        uint4 kv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int j = b + sub + u * step;
+            kv[u] = j < len ? ((const uint4*)(K + (long)j * d))[slot] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int j = b + sub + u * step;
+            float kf[VEC];
+            unpack(kv[u], kf, (const T*)0);
+#pragma unroll
+            for (int hh = 0; hh < G; ++hh) {
+                float s = 0.f;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) s += qr[hh][e] * kf[e];
+                for (int o = L >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (slot == 0 && j < len) lg[hh * chunk + j] = s;
+            }
+        }
+    }
+    __syncthreads();
+    float m_h[G], l_h[G];
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh) {
+        float* row = lg + hh * chunk;
+        float m = NEG_INF;
+        for (int j = tid; j < len; j += blockDim.x) m = fmaxf(m, row[j]);
+        m = block_max(m, red);
+        float l = 0.f;
+        for (int j = tid; j < len; j += blockDim.x) {
+            float p = expf(row[j] - m);
+            row[j] = p;
+            l += p;
+        }
+        // The barrier inside block_sum also publishes the probabilities.
+        l_h[hh] = block_sum(l, red);
+        m_h[hh] = m;
+    }
+    float acc[G][VEC];
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[hh][e] = 0.f;
+    const T* V = vbuf + ((long)kvh * cap + start) * d;
+    for (int b = warp * KPW; b < len; b += step * UNROLL) {
+        uint4 vv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int j = b + sub + u * step;
+            vv[u] = j < len ? ((const uint4*)(V + (long)j * d))[slot] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int j = b + sub + u * step;
+            if (j < len) {
+                float vf[VEC];
+                unpack(vv[u], vf, (const T*)0);
+#pragma unroll
+                for (int hh = 0; hh < G; ++hh) {
+                    float p = lg[hh * chunk + j];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[hh][e] += p * vf[e];
+                }
+            }
+        }
+    }
+    // Sum the lanes that hold the same slot (the warp's KPW keys), then the warps.
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+            for (int o = L; o < 32; o <<= 1)
+                acc[hh][e] += __shfl_xor_sync(0xffffffffu, acc[hh][e], o);
+    if (sub == 0) {
+#pragma unroll
+        for (int hh = 0; hh < G; ++hh)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc_sh[(warp * G + hh) * d + slot * VEC + e] = acc[hh][e];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * d; idx += blockDim.x) {
+        int hh = idx / d, i = idx - hh * d;
+        float s = 0.f;
+        for (int w = 0; w < nw; ++w) s += acc_sh[(w * G + hh) * d + i];
+        part[((long)(kvh * G + hh) * n_splits + split) * (d + 2) + i] = s;
+    }
+    if (tid == 0) {
+#pragma unroll
+        for (int hh = 0; hh < G; ++hh) {
+            float* out = part + ((long)(kvh * G + hh) * n_splits + split) * (d + 2);
+            out[d] = m_h[hh];
+            out[d + 1] = l_h[hh];
+        }
+    }
+}
+
 // Pass 2: combines the splits of query head blockIdx.x into out[h * d ..] (rows [1, nh * d]).
+// Each split's weight exp(m_s - M) / L is computed once into shared memory; every thread then
+// sums its column over the splits with several independent loads in flight.
+// Shared (n_splits + 32) floats.
 template <typename T>
 __device__ void attn_combine(const float* part, T* out, int d, int n_splits) {
-    int h = blockIdx.x;
+    float* wts = sh;
+    float* red = sh + n_splits;
+    int h = blockIdx.x, tid = threadIdx.x;
     const float* P = part + (long)h * n_splits * (d + 2);
     float M = NEG_INF;
-    for (int s = 0; s < n_splits; ++s) M = fmaxf(M, P[(long)s * (d + 2) + d]);
+    for (int s = tid; s < n_splits; s += blockDim.x) M = fmaxf(M, P[(long)s * (d + 2) + d]);
+    M = block_max(M, red);
     float L = 0.f;
-    for (int s = 0; s < n_splits; ++s) {
+    for (int s = tid; s < n_splits; s += blockDim.x) {
         float m = P[(long)s * (d + 2) + d];
-        if (m > NEG_INF) L += P[(long)s * (d + 2) + d + 1] * expf(m - M);
+        float w = m > NEG_INF ? expf(m - M) : 0.f;
+        wts[s] = w;
+        L += w * P[(long)s * (d + 2) + d + 1];
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.f;
-        for (int s = 0; s < n_splits; ++s) {
-            float m = P[(long)s * (d + 2) + d];
-            if (m > NEG_INF) acc += P[(long)s * (d + 2) + i] * expf(m - M);
+    // block_sum's barrier also publishes wts.
+    float inv = 1.f / block_sum(L, red);
+    for (int i = tid; i < d; i += blockDim.x) {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int s = 0;
+        for (; s + 4 <= n_splits; s += 4) {
+            a0 += wts[s] * P[(long)s * (d + 2) + i];
+            a1 += wts[s + 1] * P[(long)(s + 1) * (d + 2) + i];
+            a2 += wts[s + 2] * P[(long)(s + 2) * (d + 2) + i];
+            a3 += wts[s + 3] * P[(long)(s + 3) * (d + 2) + i];
         }
-        st(out, (long)h * d + i, acc / L);
+        for (; s < n_splits; ++s) a0 += wts[s] * P[(long)s * (d + 2) + i];
+        st(out, (long)h * d + i, (a0 + a1 + a2 + a3) * inv);
     }
 }
 
@@ -202,9 +374,21 @@ __device__ void add_rms_norm(const T* x, const T* y, const T* w, T* xo, T* ho, i
     for (int i = threadIdx.x; i < n; i += blockDim.x) st(ho, i, ld(xo, i) * inv * ld(w, i));
 }
 
-// y[1, n] = x[1, k] W[n, k]^T (+ bias): one warp per output row (a contiguous row of W), 16-byte
-// loads, x staged in shared memory. Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned rows.
-// blockDim 256 (8 rows per block); shared k * sizeof(T) bytes.
+// y[1, n] = x'[1, k] W[n, k]^T (+ bias): one warp per output row (a contiguous row of W),
+// 16-byte loads, x' staged in shared memory. `mode` says what x' is, so the small kernels that
+// fed each product are folded into its staging (each saved a launch and a round trip):
+//   GEMV_PLAIN: x' = x;
+//   GEMV_SILU:  x' = silu(x[i]) * x[k + i] (SwiGLU of a gate | up row of 2k);
+//   GEMV_NORM:  r = x + y (y may be null), x' = rmsnorm(r) * nw with `eps`; block 0 writes r to
+//               xo (the residual stream; each block recomputes the norm of its own copy).
+// Each value is rounded to T where the separate kernels stored it, so the results are theirs.
+// Every lane loads its first GEMV_UNROLL vectors of the row before the staging, so the weight
+// fetch overlaps it. Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned rows. blockDim 256
+// (8 rows per block); shared k * sizeof(T) + 144 bytes.
+#define GEMV_PLAIN 0
+#define GEMV_SILU 1
+#define GEMV_NORM 2
+#define GEMV_UNROLL 8
 __device__ __forceinline__ float dot4(uint4 a, uint4 b, const float*) {
     return __uint_as_float(a.x) * __uint_as_float(b.x) + __uint_as_float(a.y) * __uint_as_float(b.y)
          + __uint_as_float(a.z) * __uint_as_float(b.z) + __uint_as_float(a.w) * __uint_as_float(b.w);
@@ -217,31 +401,93 @@ __device__ __forceinline__ float dot4(uint4 a, uint4 b, const bf16_t*) {
     return dot2(a.x, b.x) + dot2(a.y, b.y) + dot2(a.z, b.z) + dot2(a.w, b.w);
 }
 
+
 template <typename T>
-__device__ void gemv(const T* x, const T* W, const T* bias, T* y, int n, int k) {
+__device__ void gemv(const T* x, const T* __restrict__ W, const T* bias, T* y, int n, int k,
+                     int mode, const T* y_in, const T* nw, T* xo, float eps) {
     T* xs = (T*)sh;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) xs[i] = x[i];
-    __syncthreads();
+    float* red = (float*)((char*)sh + ((k * (int)sizeof(T) + 15) & ~15));
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n) return;
-    const uint4* wr = (const uint4*)(W + (long)row * k);
-    const uint4* xv = (const uint4*)xs;
+    bool live = row < n;
+    const uint4* wr = (const uint4*)(W + (long)(live ? row : 0) * k);
     int nv = k / (int)(16 / sizeof(T));
-    float a0 = 0.f, a1 = 0.f;
-    int c = lane;
-    for (; c + 32 < nv; c += 64) {
-        uint4 w0 = wr[c], w1 = wr[c + 32];
-        a0 += dot4(w0, xv[c], (const T*)0);
-        a1 += dot4(w1, xv[c + 32], (const T*)0);
+    uint4 w[GEMV_UNROLL];
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+        int c = lane + 32 * u;
+        w[u] = live && c < nv ? wr[c] : make_uint4(0, 0, 0, 0);
     }
-    if (c < nv) a0 += dot4(wr[c], xv[c], (const T*)0);
+    if (mode == GEMV_SILU) {
+        for (int i = threadIdx.x; i < k; i += blockDim.x) {
+            float g = ld(x, i);
+            st(xs, i, g / (1.f + expf(-g)) * ld(x, (long)k + i));
+        }
+    } else if (mode == GEMV_NORM) {
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < k; i += blockDim.x) {
+            st(xs, i, y_in ? ld(x, i) + ld(y_in, i) : ld(x, i));
+            float r = ld(xs, i);
+            ss += r * r;
+            if (blockIdx.x == 0 && xo) xo[i] = xs[i];
+        }
+        // Each thread rescales only the entries it wrote, so no barrier is needed before.
+        float inv = rsqrtf(block_sum(ss, red) / k + eps);
+        for (int i = threadIdx.x; i < k; i += blockDim.x) st(xs, i, ld(xs, i) * inv * ld(nw, i));
+    } else {
+        for (int i = threadIdx.x; i < k; i += blockDim.x) xs[i] = x[i];
+    }
+    __syncthreads();
+    if (!live) return;
+    const uint4* xv = (const uint4*)xs;
+    float a0 = 0.f, a1 = 0.f;
+    for (int base = 0;; base += 32 * GEMV_UNROLL) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u += 2) {
+            int c = base + lane + 32 * u;
+            if (c < nv) a0 += dot4(w[u], xv[c], (const T*)0);
+            if (c + 32 < nv) a1 += dot4(w[u + 1], xv[c + 32], (const T*)0);
+        }
+        int next = base + 32 * GEMV_UNROLL;
+        if (next >= nv) break;
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            int c = next + lane + 32 * u;
+            w[u] = c < nv ? wr[c] : make_uint4(0, 0, 0, 0);
+        }
+    }
     float acc = warp_sum(a0 + a1);
     if (lane == 0) {
         if (bias) acc += ld(bias, row);
         st(y, row, acc);
     }
 }
+
+// Causal softmax of prefill logits in place, f32 math: `x` [rows, n] holds the chunk's t
+// queries per row group (row r is query r % t, the GQA heads stacked as in attention.rs); query
+// i sees keys 0..=n - t + i, later ones get probability 0 (and are not read). One block per
+// row, three passes over it (max, sum, write); the row stays in L2 between them. Replaces the
+// f32 cast, mask add, softmax and cast back that candle ops ran over [rows, n] (four full
+// passes and an f32 copy of the logits). blockDim 256.
+template <typename T>
+__device__ void causal_softmax(T* x, int n, int t) {
+    __shared__ float red[32];
+    long r = blockIdx.x;
+    int vis = n - t + (int)(r % t) + 1;
+    T* row = x + r * n;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x) m = fmaxf(m, ld(row, j));
+    m = block_max(m, red);
+    float l = 0.f;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x) l += expf(ld(row, j) - m);
+    float inv = 1.f / block_sum(l, red);
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        st(row, j, j < vis ? expf(ld(row, j) - m) * inv : 0.f);
+}
+
+#define ATTN_GROUP_ARGS(T)                                                                   \
+    const T *q, const T *kbuf, const T *vbuf, const u32 *inputs, float *part, int d, int cap, \
+        int chunk, float scale, int n_splits
 
 #define INSTANTIATE(T, S)                                                                    \
     extern "C" __global__ void qkv_rope_store_##S(                                           \
@@ -257,6 +503,18 @@ __device__ void gemv(const T* x, const T* W, const T* bias, T* y, int n, int k) 
                                                 int n_splits) {                              \
         attn_partial<T>(q, kbuf, vbuf, inputs, part, g, d, cap, chunk, scale, n_splits);     \
     }                                                                                        \
+    extern "C" __global__ void attn_group1_##S(ATTN_GROUP_ARGS(T)) {                     \
+        attn_group<T, 1>(q, kbuf, vbuf, inputs, part, d, cap, chunk, scale, n_splits);       \
+    }                                                                                        \
+    extern "C" __global__ void attn_group2_##S(ATTN_GROUP_ARGS(T)) {                     \
+        attn_group<T, 2>(q, kbuf, vbuf, inputs, part, d, cap, chunk, scale, n_splits);       \
+    }                                                                                        \
+    extern "C" __global__ void attn_group4_##S(ATTN_GROUP_ARGS(T)) {                     \
+        attn_group<T, 4>(q, kbuf, vbuf, inputs, part, d, cap, chunk, scale, n_splits);       \
+    }                                                                                        \
+    extern "C" __global__ void attn_group8_##S(ATTN_GROUP_ARGS(T)) {                     \
+        attn_group<T, 8>(q, kbuf, vbuf, inputs, part, d, cap, chunk, scale, n_splits);       \
+    }                                                                                        \
     extern "C" __global__ void attn_combine_##S(const float* part, T* out, int d,            \
                                                 int n_splits) {                              \
         attn_combine<T>(part, out, d, n_splits);                                             \
@@ -265,8 +523,12 @@ __device__ void gemv(const T* x, const T* W, const T* bias, T* y, int n, int k) 
         silu_mul<T>(gu, out, f);                                                             \
     }                                                                                        \
     extern "C" __global__ void gemv_##S(const T* x, const T* W, const T* bias, T* y, int n,  \
-                                        int k) {                                             \
-        gemv<T>(x, W, bias, y, n, k);                                                        \
+                                        int k, int mode, const T* y_in, const T* nw, T* xo,  \
+                                        float eps) {                                         \
+        gemv<T>(x, W, bias, y, n, k, mode, y_in, nw, xo, eps);                               \
+    }                                                                                        \
+    extern "C" __global__ void causal_softmax_##S(T* x, int n, int t) {                      \
+        causal_softmax<T>(x, n, t);                                                          \
     }                                                                                        \
     extern "C" __global__ void add_rms_norm_##S(const T* x, const T* y, const T* w, T* xo,   \
                                                 T* ho, int n, float eps) {                   \

@@ -495,15 +495,19 @@ impl Qwen3 {
         Ok(())
     }
 
-    /// [`Qwen3::decode_static`] on the fused CUDA kernels (see `fused`): per layer the three
-    /// products and the o-projection stay cuBLAS, everything between them is one kernel each.
+    /// [`Qwen3::decode_static`] on the fused CUDA kernels (see `fused`). Per layer: the qkv
+    /// GEMV (staging the residual add and RMSNorm before it), QK-norm + RoPE + cache write,
+    /// attention (two kernels), the o GEMV, the gate|up GEMV (staging the next add + norm) and
+    /// the down GEMV (staging SwiGLU). The residual add after `down` is left pending and done by
+    /// the next layer's first GEMV.
     #[cfg(feature = "cuda")]
     fn decode_fused(&self, io: &StepIo, bufs: &[(Tensor, Tensor)]) -> Result<()> {
         use crate::fused;
         let c = &self.cfg;
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed(&io.inputs.narrow(0, 0, 1)?)?;
-        let mut h = rms_norm(&x, &self.layers[0].input_norm, eps)?;
+        // The last product's output, not yet added to the residual stream `x`.
+        let mut pending: Option<Tensor> = None;
         let scale = self.attention_scale() as f32;
         // Every layer's packed buffers have the same capacity (one length, one growth).
         let dims = fused::Dims {
@@ -514,8 +518,9 @@ impl Qwen3 {
             eps,
             interleaved: c.rope_interleaved,
         };
-        for (l, (layer, (kb, vb))) in self.layers.iter().zip(bufs).enumerate() {
-            let qkv = row_product(&layer.qkv, &h)?;
+        for (layer, (kb, vb)) in self.layers.iter().zip(bufs) {
+            let qkv;
+            (x, qkv) = norm_product(&layer.qkv, &x, pending.as_ref(), &layer.input_norm, eps)?;
             let q = fused::qkv_rope_store(
                 &qkv,
                 layer.qk_norm.as_ref(),
@@ -528,11 +533,15 @@ impl Qwen3 {
             )?;
             let attn = fused::attention(&q, kb, vb, &io.inputs, io.span, scale, dims)?;
             let o = row_product(&layer.o_proj, &attn)?;
-            let (x1, h1) = fused::add_rms_norm(&x, &o, &layer.post_norm, eps)?;
-            let m = fused::silu_mul(&row_product(&layer.gate_up, &h1)?)?;
-            let next = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
-            (x, h) = fused::add_rms_norm(&x1, &row_product(&layer.down, &m)?, next, eps)?;
+            let gu;
+            (x, gu) = norm_product(&layer.gate_up, &x, Some(&o), &layer.post_norm, eps)?;
+            pending = Some(silu_product(&layer.down, &gu)?);
         }
+        // The LM head's thousands of blocks would each redo this norm: one kernel does it once.
+        let h = match &pending {
+            Some(y) => fused::add_rms_norm(&x, y, &self.norm, eps)?.1,
+            None => rms_norm(&x, &self.norm, eps)?,
+        };
         let logits = row_product(&self.lm_head, &h)?.to_dtype(DType::F32)?;
         io.logits.slice_set(&logits, 0, 0)?;
         Ok(())
@@ -547,12 +556,49 @@ impl Qwen3 {
 /// One row through `lin` on the fused GEMV kernel where it applies, else [`Linear::forward`].
 #[cfg(feature = "cuda")]
 fn row_product(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    use crate::fused::{gemv, RowInput};
     if let Mat::Dense(w) = &lin.w {
-        if let Some(y) = crate::fused::gemv(x, w, lin.b.as_ref())? {
+        if let Some((y, _)) = gemv(x, w, lin.b.as_ref(), RowInput::Plain)? {
             return Ok(y);
         }
     }
     lin.forward(x)
+}
+
+/// The residual stream after adding `y` to `x` (None: `x` as is), and `lin` applied to its
+/// RMSNorm (weight `w`): one GEMV kernel where it applies, else the add + norm kernel and the
+/// product.
+#[cfg(feature = "cuda")]
+fn norm_product(
+    lin: &Linear,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    use crate::fused::{add_rms_norm, gemv, RowInput};
+    if let Mat::Dense(m) = &lin.w {
+        if let Some((out, sum)) = gemv(x, m, lin.b.as_ref(), RowInput::Norm { y, w, eps })? {
+            return Ok((sum.unwrap_or_else(|| x.clone()), out));
+        }
+    }
+    let (x, h) = match y {
+        Some(y) => add_rms_norm(x, y, w, eps)?,
+        None => (x.clone(), rms_norm(x, w, eps)?),
+    };
+    Ok((x, row_product(lin, &h)?))
+}
+
+/// `lin` applied to the SwiGLU of a gate | up row: one GEMV kernel where it applies.
+#[cfg(feature = "cuda")]
+fn silu_product(lin: &Linear, gu: &Tensor) -> Result<Tensor> {
+    use crate::fused::{gemv, silu_mul, RowInput};
+    if let Mat::Dense(m) = &lin.w {
+        if let Some((out, _)) = gemv(gu, m, lin.b.as_ref(), RowInput::Silu)? {
+            return Ok(out);
+        }
+    }
+    row_product(lin, &silu_mul(gu)?)
 }
 
 /// `x W^T`: the streaming CPU kernel for a few rows (decode), BLAS or candle's GEMM otherwise.
