@@ -30,6 +30,11 @@ p.add_argument("--contexts", default="512,4096")
 p.add_argument("--steps", type=int, default=32)
 p.add_argument("--prefill", type=int, default=8192)
 p.add_argument("--modes", default="graph", help="comma list of graph, eager, off")
+p.add_argument(
+    "--plain",
+    action="store_true",
+    help="run the cases without torch's profiler (to run under Nsight Compute: ncu)",
+)
 ARGS = p.parse_args()
 
 
@@ -79,6 +84,9 @@ def decode_case(e: Any, ctx: int, mode: str) -> dict[str, Any]:
     e.prefill(prompt(ctx, e.vocab_size), logits="last")
     list(e.generate(max_new_tokens=4, eos_ids=[]))  # capture outside the profile
     torch.cuda.synchronize()
+    if ARGS.plain:
+        sum(1 for _ in e.generate(max_new_tokens=ARGS.steps, eos_ids=[]))
+        return {"plain": True}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         n = sum(1 for _ in e.generate(max_new_tokens=ARGS.steps, eos_ids=[]))
         torch.cuda.synchronize()
@@ -102,6 +110,8 @@ def prefill_case(e: Any, n: int) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# GPU profile: {results['label']} on {results['device']}", ""]
     for case, r in results["cases"].items():
+        if "plain" in r:
+            continue
         if "error" in r:
             lines += [f"## {case}", "", f"error: {r['error']}", ""]
             continue

@@ -13,7 +13,9 @@
 # Env: OUT (results folder, default gpu-out), GPU_BENCH_ARGS (extra args for gpu_speed.py),
 #      GPU_TESTS_ONLY=1 (skip the benchmark), GPU_BENCH_ONLY=1 (skip the tests),
 #      GPU_PROFILE=1 (before the benchmark, per-kernel device times of WHEEL and BASELINE_WHEEL
-#      from benches/gpu_profile.py, args in GPU_PROFILE_ARGS, into $OUT/profile-*.json).
+#      from benches/gpu_profile.py, args in GPU_PROFILE_ARGS, into $OUT/profile-*.json;
+#      GPU_PROFILE=new: of WHEEL only), GPU_NCU=1 (last, Nsight Compute's view of one attention
+#      and one GEMV kernel of a 0.6B decode at 4k context, into $OUT/ncu.txt).
 # Exit status: non-zero when a GPU test failed (the benchmark still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +51,10 @@ if [ "${GPU_BENCH_ONLY:-0}" != 1 ]; then
   python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
   tests=${PIPESTATUS[0]}
 fi
-if [ "${GPU_PROFILE:-0}" = 1 ]; then
+if [ "${GPU_PROFILE:-0}" != 0 ]; then
   # shellcheck disable=SC2086
   python3 benches/gpu_profile.py --out "$OUT" --label new ${GPU_PROFILE_ARGS:-}
-  if [ -n "${2:-}" ]; then
+  if [ -n "${2:-}" ] && [ "$GPU_PROFILE" != new ]; then
     # shellcheck disable=SC2086
     PYTHONPATH="$BASE_SITE" python3 benches/gpu_profile.py --out "$OUT" --label baseline ${GPU_PROFILE_ARGS:-}
   fi
@@ -60,6 +62,15 @@ fi
 if [ "${GPU_TESTS_ONLY:-0}" != 1 ]; then
   # shellcheck disable=SC2086
   python3 benches/gpu_speed.py --out "$OUT" "${BASELINE_ARGS[@]}" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_speed.log"
+fi
+if [ "${GPU_NCU:-0}" = 1 ]; then
+  # Kernel nodes inside graph replays are profiled one by one (ncu's default); skip the warm-up.
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  timeout 150 "$NCU" --clock-control none -k 'regex:attn_group|gemv' --launch-skip 2000 \
+    --launch-count 5 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    python3 benches/gpu_profile.py --plain --models 0.6b --contexts 4096 --prefill 0 \
+    --steps 16 --out "$(mktemp -d)" > "$OUT/ncu.txt" 2>&1
+  echo "ncu exit status: $? (report in $OUT/ncu.txt)"
 fi
 echo "gpu tests exit status: $tests"
 exit "$tests"

@@ -31,6 +31,17 @@ pub enum LogitsWant {
     All,
 }
 
+/// The index of the largest logit, computed where `logits` live.
+fn device_argmax(logits: &Tensor) -> Result<u32> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        if let Some(i) = crate::fused::argmax(logits)? {
+            return Ok(i);
+        }
+    }
+    Ok(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+}
+
 /// The newest token's logits. A CUDA-graph step leaves them on the device, and they come to the
 /// host only when something reads them: greedy decoding reads their argmax alone.
 #[derive(Debug, Clone)]
@@ -306,9 +317,7 @@ impl Engine {
             }
             // Greedy from logits still on the device: only the argmax travels (4 bytes, not the
             // vocabulary's logits, and no host scan of them).
-            Some(LastLogits::Device(t)) if sampler.is_greedy() => {
-                t.flatten_all()?.argmax(0)?.to_scalar::<u32>()?
-            }
+            Some(LastLogits::Device(t)) if sampler.is_greedy() => device_argmax(t)?,
             Some(_) => {
                 self.last_logits()?;
                 let Some(LastLogits::Host(logits)) = &self.last_logits else {

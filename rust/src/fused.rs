@@ -52,7 +52,9 @@ pub struct Dims {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::{add_rms_norm, attention, causal_softmax, gemv, qkv_rope_store, silu_mul, RowInput};
+pub use cuda::{
+    add_rms_norm, argmax, attention, causal_softmax, gemv, qkv_rope_store, silu_mul, RowInput,
+};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -279,7 +281,8 @@ mod cuda {
 
     /// `x' W^T (+ b)` for one row `x'` `[1, k]` made from `x` as `input` says, and `W` `[n, k]`
     /// (the checkpoint's layout, so each output reads one contiguous row): one warp per output,
-    /// 16-byte loads. Returns `(y, x + y)`, the second only for [`RowInput::Norm`] with a `y`.
+    /// 16-byte loads. Returns `(y, x + y)`, the second only for [`RowInput::Norm`] with a `y`;
+    /// `y` is f32 with `f32_out` (else `x`'s dtype).
     /// None when the shapes or alignment do not suit it (the caller runs the separate ops).
     /// cuBLAS's GEMM for one row ran these products at a small fraction of the memory bandwidth
     /// (docs/gpu.md).
@@ -288,6 +291,7 @@ mod cuda {
         w: &Tensor,
         b: Option<&Tensor>,
         input: RowInput<'_>,
+        f32_out: bool,
     ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let dev = cuda(x)?;
         let stream = dev.cuda_stream();
@@ -312,10 +316,14 @@ mod cuda {
             return Ok(None);
         }
         let wp = addr(w, &stream)?;
-        if wp % 16 != 0 {
-            return Ok(None);
+        let vectors = [Some(x), Some(w), input_y(&input), input_w(&input)];
+        for t in vectors.into_iter().flatten() {
+            if addr(t, &stream)? % 16 != 0 {
+                return Ok(None);
+            }
         }
-        let out = unsafe { Tensor::empty((1, n), x.dtype(), x.device())? };
+        let out_dtype = if f32_out { DType::F32 } else { x.dtype() };
+        let out = unsafe { Tensor::empty((1, n), out_dtype, x.device())? };
         let bias = match b {
             Some(b) => addr(b, &stream)?,
             None => 0,
@@ -330,7 +338,11 @@ mod cuda {
             None => None,
         };
         let opt = |t: Option<&Tensor>| t.map_or(Ok(0), |t| addr(t, &stream));
-        let ptrs = [addr(x, &stream)?, wp, bias, addr(&out, &stream)?];
+        let (y_p, yf_p) = match f32_out {
+            true => (0, addr(&out, &stream)?),
+            false => (addr(&out, &stream)?, 0),
+        };
+        let ptrs = [addr(x, &stream)?, wp, bias, y_p];
         let extra = [opt(y_in)?, opt(nw)?, opt(xo.as_ref())?];
         let (n_, k_) = (n as i32, k as i32);
         let f = func(&dev, "gemv", x.dtype())?;
@@ -342,10 +354,47 @@ mod cuda {
         for p in &extra {
             l.arg(p);
         }
-        l.arg(&eps);
+        l.arg(&eps).arg(&yf_p);
         let shared_floats = (k * size).div_ceil(16) * 4 + 36;
         unsafe { l.launch(cfg((n.div_ceil(8), 1), 256, shared_floats)) }.map_err(driver)?;
         Ok(Some((out, xo)))
+    }
+
+    fn input_y<'a>(input: &RowInput<'a>) -> Option<&'a Tensor> {
+        match input {
+            RowInput::Norm { y, .. } => *y,
+            _ => None,
+        }
+    }
+
+    fn input_w<'a>(input: &RowInput<'a>) -> Option<&'a Tensor> {
+        match input {
+            RowInput::Norm { w, .. } => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Index of the largest of f32 `x`'s values (the first on ties, as the host's argmax),
+    /// computed on the device: greedy decoding then reads 4 bytes, not the logits. None when
+    /// `x` does not suit the kernel (not f32, not contiguous or not 16-byte aligned).
+    pub fn argmax(x: &Tensor) -> Result<Option<u32>> {
+        let dev = cuda(x)?;
+        let stream = dev.cuda_stream();
+        if x.dtype() != DType::F32 || !x.is_contiguous() {
+            return Ok(None);
+        }
+        let xp = addr(x, &stream)?;
+        if xp % 16 != 0 {
+            return Ok(None);
+        }
+        let out = unsafe { Tensor::empty(1, DType::U32, x.device())? };
+        let (op, n) = (addr(&out, &stream)?, x.elem_count() as i32);
+        let f = dev.get_or_load_custom_func("argmax_f32", "kvfast_decode", PTX)?;
+        let f = f.into_cuda_function();
+        let mut l = stream.launch_builder(&f);
+        l.arg(&xp).arg(&n).arg(&op);
+        unsafe { l.launch(cfg((1, 1), 1024, 0)) }.map_err(driver)?;
+        Ok(Some(out.to_vec1::<u32>()?[0]))
     }
 
     /// Causal softmax of prefill logits `[n_kv, g * t, n]` in place: row `r` is query
@@ -429,7 +478,10 @@ mod tests {
         for span in [1, 100, 512, 1000, 2048, 5000, 65536] {
             for n_kv in [1, 2, 4, 8, 16] {
                 let c = group_chunk(span, n_kv);
-                assert!(c.is_power_of_two() && (32..=256).contains(&c), "{span} {n_kv} {c}");
+                assert!(
+                    c.is_power_of_two() && (32..=256).contains(&c),
+                    "{span} {n_kv} {c}"
+                );
                 if c > 32 {
                     assert!(n_kv * span.div_ceil(c) >= 264, "{span} {n_kv} {c}");
                 }

@@ -16,14 +16,39 @@ __device__ __forceinline__ float ld(const bf16_t* p, long i) {
 }
 __device__ __forceinline__ void st(float* p, long i, float x) { p[i] = x; }
 // Round to nearest even, as a cast to bf16 does.
-__device__ __forceinline__ void st(bf16_t* p, long i, float x) {
+__device__ __forceinline__ u32 bf16_bits(float x) {
     u32 u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p[i] = (bf16_t)0x7fc0;
-        return;
-    }
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
     u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16_t)(u >> 16);
+    return u >> 16;
+}
+__device__ __forceinline__ void st(bf16_t* p, long i, float x) { p[i] = (bf16_t)bf16_bits(x); }
+
+// 16-byte vectors of T <-> floats: 4 f32 or 8 bf16 values (VEC<T>). pack rounds as st does.
+template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
+__device__ __forceinline__ void unpack(uint4 v, float* f, const float*) {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z);
+    f[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(uint4 v, float* f, const bf16_t*) {
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ uint4 pack(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+}
+__device__ __forceinline__ uint4 pack(const float* f, const bf16_t*) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bf16_bits(f[2 * i]) | (bf16_bits(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -153,22 +178,6 @@ __device__ void attn_partial(const T* q, const T* kbuf, const T* vbuf, const u32
     if (tid == 0) {
         out[d] = m;
         out[d + 1] = l;
-    }
-}
-
-// 16-byte vector -> floats: 4 f32 or 8 bf16 values.
-__device__ __forceinline__ void unpack(uint4 v, float* f, const float*) {
-    f[0] = __uint_as_float(v.x);
-    f[1] = __uint_as_float(v.y);
-    f[2] = __uint_as_float(v.z);
-    f[3] = __uint_as_float(v.w);
-}
-__device__ __forceinline__ void unpack(uint4 v, float* f, const bf16_t*) {
-    u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
 
@@ -382,9 +391,11 @@ __device__ void add_rms_norm(const T* x, const T* y, const T* w, T* xo, T* ho, i
 //   GEMV_NORM:  r = x + y (y may be null), x' = rmsnorm(r) * nw with `eps`; block 0 writes r to
 //               xo (the residual stream; each block recomputes the norm of its own copy).
 // Each value is rounded to T where the separate kernels stored it, so the results are theirs.
-// Every lane loads its first GEMV_UNROLL vectors of the row before the staging, so the weight
-// fetch overlaps it. Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned rows. blockDim 256
-// (8 rows per block); shared k * sizeof(T) + 144 bytes.
+// With `yf` set, y is written there in f32 instead (the LM head's logits, unrounded and with
+// no cast kernel after). Every lane loads its first GEMV_UNROLL vectors of the row before the
+// staging, so the weight fetch overlaps it. Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned
+// rows and vectors (x, y, nw, xo). blockDim 256 (8 rows per block); shared k * sizeof(T) + 144
+// bytes.
 #define GEMV_PLAIN 0
 #define GEMV_SILU 1
 #define GEMV_NORM 2
@@ -404,38 +415,65 @@ __device__ __forceinline__ float dot4(uint4 a, uint4 b, const bf16_t*) {
 
 template <typename T>
 __device__ void gemv(const T* x, const T* __restrict__ W, const T* bias, T* y, int n, int k,
-                     int mode, const T* y_in, const T* nw, T* xo, float eps) {
+                     int mode, const T* y_in, const T* nw, T* xo, float eps, float* yf) {
+    constexpr int VEC = Vec<T>::N;
+    const T* t0 = nullptr;
     T* xs = (T*)sh;
     float* red = (float*)((char*)sh + ((k * (int)sizeof(T) + 15) & ~15));
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool live = row < n;
     const uint4* wr = (const uint4*)(W + (long)(live ? row : 0) * k);
-    int nv = k / (int)(16 / sizeof(T));
+    int nv = k / VEC;
     uint4 w[GEMV_UNROLL];
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
         int c = lane + 32 * u;
         w[u] = live && c < nv ? wr[c] : make_uint4(0, 0, 0, 0);
     }
+    // Staging in 16-byte vectors: a scalar loop was a chain of L2 round trips per thread (a
+    // 9728-wide SwiGLU row took 38 of them).
+    const uint4* xv_in = (const uint4*)x;
+    uint4* xs4 = (uint4*)xs;
     if (mode == GEMV_SILU) {
-        for (int i = threadIdx.x; i < k; i += blockDim.x) {
-            float g = ld(x, i);
-            st(xs, i, g / (1.f + expf(-g)) * ld(x, (long)k + i));
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float g[VEC], u[VEC];
+            unpack(xv_in[i], g, t0);
+            unpack(xv_in[nv + i], u, t0);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.f + expf(-g[e])) * u[e];
+            xs4[i] = pack(g, t0);
         }
     } else if (mode == GEMV_NORM) {
         float ss = 0.f;
-        for (int i = threadIdx.x; i < k; i += blockDim.x) {
-            st(xs, i, y_in ? ld(x, i) + ld(y_in, i) : ld(x, i));
-            float r = ld(xs, i);
-            ss += r * r;
-            if (blockIdx.x == 0 && xo) xo[i] = xs[i];
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[VEC];
+            unpack(xv_in[i], a, t0);
+            if (y_in) {
+                float b[VEC];
+                unpack(((const uint4*)y_in)[i], b, t0);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) a[e] += b[e];
+            }
+            uint4 r = pack(a, t0);
+            xs4[i] = r;
+            if (blockIdx.x == 0 && xo) ((uint4*)xo)[i] = r;
+            unpack(r, a, t0);  // the rounded residual, as the norm kernel read it back
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss += a[e] * a[e];
         }
-        // Each thread rescales only the entries it wrote, so no barrier is needed before.
+        // Each thread rescales only the vectors it wrote, so no barrier is needed before.
         float inv = rsqrtf(block_sum(ss, red) / k + eps);
-        for (int i = threadIdx.x; i < k; i += blockDim.x) st(xs, i, ld(xs, i) * inv * ld(nw, i));
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            float a[VEC], g[VEC];
+            unpack(xs4[i], a, t0);
+            unpack(((const uint4*)nw)[i], g, t0);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a[e] = a[e] * inv * g[e];
+            xs4[i] = pack(a, t0);
+        }
     } else {
-        for (int i = threadIdx.x; i < k; i += blockDim.x) xs[i] = x[i];
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) xs4[i] = xv_in[i];
     }
     __syncthreads();
     if (!live) return;
@@ -445,8 +483,8 @@ __device__ void gemv(const T* x, const T* __restrict__ W, const T* bias, T* y, i
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u += 2) {
             int c = base + lane + 32 * u;
-            if (c < nv) a0 += dot4(w[u], xv[c], (const T*)0);
-            if (c + 32 < nv) a1 += dot4(w[u + 1], xv[c + 32], (const T*)0);
+            if (c < nv) a0 += dot4(w[u], xv[c], t0);
+            if (c + 32 < nv) a1 += dot4(w[u + 1], xv[c + 32], t0);
         }
         int next = base + 32 * GEMV_UNROLL;
         if (next >= nv) break;
@@ -459,7 +497,11 @@ __device__ void gemv(const T* x, const T* __restrict__ W, const T* bias, T* y, i
     float acc = warp_sum(a0 + a1);
     if (lane == 0) {
         if (bias) acc += ld(bias, row);
-        st(y, row, acc);
+        if (yf) {
+            yf[row] = acc;
+        } else {
+            st(y, row, acc);
+        }
     }
 }
 
@@ -471,18 +513,89 @@ __device__ void gemv(const T* x, const T* __restrict__ W, const T* bias, T* y, i
 // passes and an f32 copy of the logits). blockDim 256.
 template <typename T>
 __device__ void causal_softmax(T* x, int n, int t) {
+    constexpr int VEC = Vec<T>::N;
+    const T* t0 = nullptr;
     __shared__ float red[32];
     long r = blockIdx.x;
     int vis = n - t + (int)(r % t) + 1;
     T* row = x + r * n;
-    float m = NEG_INF;
+    float m = NEG_INF, l = 0.f;
+    if (n % VEC == 0) {
+        // 16-byte vectors (rows stay aligned when n is a multiple of VEC).
+        uint4* rv = (uint4*)row;
+        int nvis = (vis + VEC - 1) / VEC;
+        for (int i = threadIdx.x; i < nvis; i += blockDim.x) {
+            float a[VEC];
+            unpack(rv[i], a, t0);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+                if (i * VEC + e < vis) m = fmaxf(m, a[e]);
+        }
+        m = block_max(m, red);
+        for (int i = threadIdx.x; i < nvis; i += blockDim.x) {
+            float a[VEC];
+            unpack(rv[i], a, t0);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+                if (i * VEC + e < vis) l += expf(a[e] - m);
+        }
+        float inv = 1.f / block_sum(l, red);
+        for (int i = threadIdx.x; i < n / VEC; i += blockDim.x) {
+            float a[VEC] = {};
+            if (i < nvis) unpack(rv[i], a, t0);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a[e] = i * VEC + e < vis ? expf(a[e] - m) * inv : 0.f;
+            rv[i] = pack(a, t0);
+        }
+        return;
+    }
     for (int j = threadIdx.x; j < vis; j += blockDim.x) m = fmaxf(m, ld(row, j));
     m = block_max(m, red);
-    float l = 0.f;
     for (int j = threadIdx.x; j < vis; j += blockDim.x) l += expf(ld(row, j) - m);
     float inv = 1.f / block_sum(l, red);
     for (int j = threadIdx.x; j < n; j += blockDim.x)
         st(row, j, j < vis ? expf(ld(row, j) - m) * inv : 0.f);
+}
+
+// Index of the largest of x[0..n) into out[0]: the first on ties, NaN never wins (all NaN: 0),
+// as the host's argmax. One block of 1024 threads, 16-byte loads (x 16-byte aligned); greedy
+// decoding reads these 4 bytes instead of the logits.
+extern "C" __global__ void argmax_f32(const float* x, int n, u32* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    float best = NEG_INF;
+    int idx = 0x7fffffff;
+    const float4* x4 = (const float4*)x;
+    int n4 = n / 4;
+    // Each thread sees its indices in increasing order, so a strict > keeps the first.
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 v = x4[i];
+        if (v.x > best) best = v.x, idx = 4 * i;
+        if (v.y > best) best = v.y, idx = 4 * i + 1;
+        if (v.z > best) best = v.z, idx = 4 * i + 2;
+        if (v.w > best) best = v.w, idx = 4 * i + 3;
+    }
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x)
+        if (x[i] > best) best = x[i], idx = i;
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ob > best || (ob == best && oi < idx)) best = ob, idx = oi;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) bv[warp] = best, bi[warp] = idx;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? bv[lane] : NEG_INF;
+        idx = lane < nw ? bi[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ob > best || (ob == best && oi < idx)) best = ob, idx = oi;
+        }
+        if (lane == 0) out[0] = idx == 0x7fffffff ? 0u : (u32)idx;
+    }
 }
 
 #define ATTN_GROUP_ARGS(T)                                                                   \
@@ -524,8 +637,8 @@ __device__ void causal_softmax(T* x, int n, int t) {
     }                                                                                        \
     extern "C" __global__ void gemv_##S(const T* x, const T* W, const T* bias, T* y, int n,  \
                                         int k, int mode, const T* y_in, const T* nw, T* xo,  \
-                                        float eps) {                                         \
-        gemv<T>(x, W, bias, y, n, k, mode, y_in, nw, xo, eps);                               \
+                                        float eps, float* yf) {                              \
+        gemv<T>(x, W, bias, y, n, k, mode, y_in, nw, xo, eps, yf);                           \
     }                                                                                        \
     extern "C" __global__ void causal_softmax_##S(T* x, int n, int t) {                      \
         causal_softmax<T>(x, n, t);                                                          \

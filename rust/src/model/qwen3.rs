@@ -542,7 +542,17 @@ impl Qwen3 {
             Some(y) => fused::add_rms_norm(&x, y, &self.norm, eps)?.1,
             None => rms_norm(&x, &self.norm, eps)?,
         };
-        let logits = row_product(&self.lm_head, &h)?.to_dtype(DType::F32)?;
+        let logits = match &self.lm_head.w {
+            Mat::Dense(w) => {
+                fused::gemv(&h, w, self.lm_head.b.as_ref(), fused::RowInput::Plain, true)?
+                    .map(|(y, _)| y)
+            }
+            _ => None,
+        };
+        let logits = match logits {
+            Some(l) => l,
+            None => row_product(&self.lm_head, &h)?.to_dtype(DType::F32)?,
+        };
         io.logits.slice_set(&logits, 0, 0)?;
         Ok(())
     }
@@ -558,7 +568,7 @@ impl Qwen3 {
 fn row_product(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     use crate::fused::{gemv, RowInput};
     if let Mat::Dense(w) = &lin.w {
-        if let Some((y, _)) = gemv(x, w, lin.b.as_ref(), RowInput::Plain)? {
+        if let Some((y, _)) = gemv(x, w, lin.b.as_ref(), RowInput::Plain, false)? {
             return Ok(y);
         }
     }
@@ -578,7 +588,8 @@ fn norm_product(
 ) -> Result<(Tensor, Tensor)> {
     use crate::fused::{add_rms_norm, gemv, RowInput};
     if let Mat::Dense(m) = &lin.w {
-        if let Some((out, sum)) = gemv(x, m, lin.b.as_ref(), RowInput::Norm { y, w, eps })? {
+        let input = RowInput::Norm { y, w, eps };
+        if let Some((out, sum)) = gemv(x, m, lin.b.as_ref(), input, false)? {
             return Ok((sum.unwrap_or_else(|| x.clone()), out));
         }
     }
@@ -594,7 +605,7 @@ fn norm_product(
 fn silu_product(lin: &Linear, gu: &Tensor) -> Result<Tensor> {
     use crate::fused::{gemv, silu_mul, RowInput};
     if let Mat::Dense(m) = &lin.w {
-        if let Some((out, _)) = gemv(gu, m, lin.b.as_ref(), RowInput::Silu)? {
+        if let Some((out, _)) = gemv(gu, m, lin.b.as_ref(), RowInput::Silu, false)? {
             return Ok(out);
         }
     }
