@@ -71,7 +71,7 @@ pub fn attend_masked(
 
 /// [`attend_packed`] for a prefill chunk on CUDA: the two products in the model dtype and one
 /// kernel for the causal softmax in place over their logits (f32 math), instead of an f32 copy
-/// of the logits, a mask add, a softmax and a cast back (on an H200 those four were 87% of an
+/// of the logits, a mask add, a softmax and a cast back (on an H200 those four were 83% of an
 /// 8k-token prefill; docs/gpu.md).
 #[cfg(feature = "cuda")]
 fn attend_causal_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {

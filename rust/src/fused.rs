@@ -1,13 +1,14 @@
-//! Fused CUDA kernels of the static decode step ([`crate::model::qwen3::Qwen3::decode_static`]).
+//! Fused CUDA kernels of the static decode step ([`crate::model::qwen3::Qwen3::decode_static`])
+//! and of prefill attention.
 //!
-//! Written on the hypothesis that a graphed step costs about what its kernels do back to back,
-//! a few microseconds each. Per layer they cut the step from ~25 launches to ~11: per-head
-//! QK-norm + RoPE + the cache write (one kernel), the attention's seven ops (split-K over the
-//! span, two kernels), SwiGLU, each residual add with the RMSNorm after it, and a
-//! one-warp-per-row GEMV for the products. Measured on an H200 (docs/gpu.md): +17% at a
-//! 4k-token context, no change at 512; the per-layer GPU time did not follow the launch count,
-//! so the remaining cost is inside kernels (likely the attention blocks' serial loops). Source:
-//! `kernels/decode.cu`, compiled to PTX by `build.rs`.
+//! Per layer the decode step is seven kernels: the qkv GEMV (staging the residual add and
+//! RMSNorm), QK-norm + RoPE + cache write, split-K attention that reads each KV head once for
+//! its query group, the combine, and the o, gate|up (staging add + RMSNorm) and down (staging
+//! SwiGLU) GEMVs. They were shaped by a per-kernel profile on an H200 (docs/gpu.md): the
+//! first version's attention blocks walked 256 keys one dependent load at a time and took 60%
+//! of the step; with the grouped kernel and the staged GEMVs a 0.6B step went from 2.5 to
+//! 1.0 ms of GPU time. Prefill uses `causal_softmax` between two cuBLAS products, and greedy
+//! decoding `argmax`. Source: `kernels/decode.cu`, compiled to PTX by `build.rs`.
 //!
 //! [`available`] says when they apply: CUDA, f32 or bf16, and `KVFAST_FUSED` not `0`. Elsewhere
 //! (CPU, Metal, f16) the step runs the candle-op body, which gives the same results up to
@@ -19,11 +20,14 @@ use candle_core::{DType, Tensor};
 pub const ATTN_CHUNK: usize = 256;
 
 /// Keys per split of the grouped attention kernel for a graph's `span`: the largest power of
-/// two from 32 to 256 that still gives `n_kv * splits` at least two blocks per multiprocessor
-/// of an H100 (132), so a short span is spread over the whole GPU. Each split's loop is then
-/// short: at a 512-row span, 32 keys (4 steps per warp, against 256 serial steps before).
+/// two from 32 to 256 that still gives `n_kv * splits` at least four blocks per multiprocessor
+/// of an H100 (132), so a short span is spread over the whole GPU and enough of the cache is
+/// in flight at once. Measured on an H200 with Qwen3-0.6B (docs/gpu.md): at a 4608-row span
+/// (4k context), 128-key chunks (288 blocks) moved 22% of the DRAM bandwidth (Nsight Compute)
+/// and took 14.8 us per layer, 64-key chunks (576 blocks) 11.1 us; at a 1024-row span 16-key
+/// chunks were slower than 32 (6.55 against 6.26 us), hence the floor.
 pub fn group_chunk(span: usize, n_kv: usize) -> usize {
-    const TARGET_BLOCKS: usize = 264;
+    const TARGET_BLOCKS: usize = 528;
     let mut chunk = 256;
     while chunk > 32 && n_kv * span.div_ceil(chunk) < TARGET_BLOCKS {
         chunk /= 2;
@@ -240,12 +244,14 @@ mod cuda {
         let f = func(&dev, "attn_combine", q.dtype())?;
         let mut b = stream.launch_builder(&f);
         b.arg(&part_p).arg(&out_p).arg(&d_).arg(&n_splits);
-        unsafe { b.launch(cfg((nh, 1), 128, splits + 32)) }.map_err(driver)?;
+        let threads = COMBINE_THREADS;
+        unsafe { b.launch(cfg((nh, 1), threads, splits + 32 + threads)) }.map_err(driver)?;
         Ok(out)
     }
 
-    /// Threads per block of the grouped attention kernel.
+    /// Threads per block of the grouped attention kernel and of the combine.
     const GROUP_THREADS: usize = 128;
+    const COMBINE_THREADS: usize = 512;
 
     /// The grouped attention kernel for `g` query heads per KV head and head size `d`, when
     /// one is compiled for them: `g` in {1, 2, 4, 8} and a key row of a power-of-two count of
@@ -469,11 +475,11 @@ mod tests {
 
     #[test]
     fn group_chunk_spreads_short_spans_and_caps_long_ones() {
-        // Qwen3-0.6B / 4B (8 KV heads): a 512-row span gets the smallest chunk (128 blocks),
-        // 4096 rows 64-key chunks (512 blocks), and long spans the largest.
-        assert_eq!(group_chunk(512, 8), 32);
-        assert_eq!(group_chunk(4096, 8), 64);
-        assert_eq!(group_chunk(32768, 8), 256);
+        // Qwen3-0.6B / 4B (8 KV heads), the benchmark's spans: 1024 rows (512 context) get the
+        // floor, 4608 rows (4k context) 64-key chunks (576 blocks), long spans the largest.
+        assert_eq!(group_chunk(1024, 8), 32);
+        assert_eq!(group_chunk(4608, 8), 64);
+        assert_eq!(group_chunk(65536, 8), 256);
         // Every choice is a power of two in 32..=256 with enough blocks when the span allows.
         for span in [1, 100, 512, 1000, 2048, 5000, 65536] {
             for n_kv in [1, 2, 4, 8, 16] {
@@ -483,7 +489,7 @@ mod tests {
                     "{span} {n_kv} {c}"
                 );
                 if c > 32 {
-                    assert!(n_kv * span.div_ceil(c) >= 264, "{span} {n_kv} {c}");
+                    assert!(n_kv * span.div_ceil(c) >= 528, "{span} {n_kv} {c}");
                 }
             }
         }

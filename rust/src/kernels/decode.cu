@@ -324,13 +324,15 @@ __device__ void attn_group(const T* q, const T* kbuf, const T* vbuf, const u32* 
 }
 
 // Pass 2: combines the splits of query head blockIdx.x into out[h * d ..] (rows [1, nh * d]).
-// Each split's weight exp(m_s - M) / L is computed once into shared memory; every thread then
-// sums its column over the splits with several independent loads in flight.
-// Shared (n_splits + 32) floats.
+// Each split's weight exp(m_s - M) / L is computed once into shared memory; then the block's
+// threads form blockDim / d groups, each summing every column over its share of the splits
+// (several independent loads in flight), and the groups' sums are added in shared memory.
+// Shared (n_splits + 32 + blockDim) floats.
 template <typename T>
 __device__ void attn_combine(const float* part, T* out, int d, int n_splits) {
     float* wts = sh;
     float* red = sh + n_splits;
+    float* sums = red + 32;
     int h = blockIdx.x, tid = threadIdx.x;
     const float* P = part + (long)h * n_splits * (d + 2);
     float M = NEG_INF;
@@ -345,17 +347,30 @@ __device__ void attn_combine(const float* part, T* out, int d, int n_splits) {
     }
     // block_sum's barrier also publishes wts.
     float inv = 1.f / block_sum(L, red);
-    for (int i = tid; i < d; i += blockDim.x) {
+    int groups = max(1, (int)blockDim.x / d);
+    int grp = tid / d, i = tid - grp * d;
+    if (grp < groups) {
         float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        int s = 0;
-        for (; s + 4 <= n_splits; s += 4) {
+        int s = grp;
+        for (; s + 3 * groups < n_splits; s += 4 * groups) {
             a0 += wts[s] * P[(long)s * (d + 2) + i];
-            a1 += wts[s + 1] * P[(long)(s + 1) * (d + 2) + i];
-            a2 += wts[s + 2] * P[(long)(s + 2) * (d + 2) + i];
-            a3 += wts[s + 3] * P[(long)(s + 3) * (d + 2) + i];
+            a1 += wts[s + groups] * P[(long)(s + groups) * (d + 2) + i];
+            a2 += wts[s + 2 * groups] * P[(long)(s + 2 * groups) * (d + 2) + i];
+            a3 += wts[s + 3 * groups] * P[(long)(s + 3 * groups) * (d + 2) + i];
         }
-        for (; s < n_splits; ++s) a0 += wts[s] * P[(long)s * (d + 2) + i];
-        st(out, (long)h * d + i, (a0 + a1 + a2 + a3) * inv);
+        for (; s < n_splits; s += groups) a0 += wts[s] * P[(long)s * (d + 2) + i];
+        sums[tid] = (a0 + a1) + (a2 + a3);
+    }
+    __syncthreads();
+    // d > blockDim (one group): each thread covers further columns alone.
+    for (int c = tid; c < d; c += blockDim.x) {
+        float acc = 0.f;
+        if (groups > 1 || c == tid) {
+            for (int g = 0; g < groups; ++g) acc += sums[g * d + c];
+        } else {
+            for (int s = 0; s < n_splits; ++s) acc += wts[s] * P[(long)s * (d + 2) + c];
+        }
+        st(out, (long)h * d + c, acc * inv);
     }
 }
 
