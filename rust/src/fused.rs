@@ -322,8 +322,12 @@ mod cuda {
             return Ok(None);
         }
         let wp = addr(w, &stream)?;
-        let vectors = [Some(x), Some(w), input_y(&input), input_w(&input)];
-        for t in vectors.into_iter().flatten() {
+        let (mode, y_in, nw, eps) = match input {
+            RowInput::Plain => (0i32, None, None, 0f32),
+            RowInput::Silu => (1, None, None, 0.0),
+            RowInput::Norm { y, w, eps } => (2, y, Some(w), eps),
+        };
+        for t in [Some(x), Some(w), y_in, nw].into_iter().flatten() {
             if addr(t, &stream)? % 16 != 0 {
                 return Ok(None);
             }
@@ -333,11 +337,6 @@ mod cuda {
         let bias = match b {
             Some(b) => addr(b, &stream)?,
             None => 0,
-        };
-        let (mode, y_in, nw, eps) = match input {
-            RowInput::Plain => (0i32, None, None, 0f32),
-            RowInput::Silu => (1, None, None, 0.0),
-            RowInput::Norm { y, w, eps } => (2, y, Some(w), eps),
         };
         let xo = match y_in {
             Some(_) => Some(unsafe { Tensor::empty((1, k), x.dtype(), x.device())? }),
@@ -364,20 +363,6 @@ mod cuda {
         let shared_floats = (k * size).div_ceil(16) * 4 + 36;
         unsafe { l.launch(cfg((n.div_ceil(8), 1), 256, shared_floats)) }.map_err(driver)?;
         Ok(Some((out, xo)))
-    }
-
-    fn input_y<'a>(input: &RowInput<'a>) -> Option<&'a Tensor> {
-        match input {
-            RowInput::Norm { y, .. } => *y,
-            _ => None,
-        }
-    }
-
-    fn input_w<'a>(input: &RowInput<'a>) -> Option<&'a Tensor> {
-        match input {
-            RowInput::Norm { w, .. } => Some(w),
-            _ => None,
-        }
     }
 
     /// Index of the largest of f32 `x`'s values (the first on ties, as the host's argmax),

@@ -181,6 +181,18 @@ __device__ void attn_partial(const T* q, const T* kbuf, const T* vbuf, const u32
     }
 }
 
+// Vector `slot` of rows j0, j0 + step, ... (UNROLL of them) of a [rows, d] block, zero past
+// `len`: every load is issued before any is used.
+template <typename T, int UNROLL>
+__device__ __forceinline__ void load_rows(uint4* out, const T* base, int j0, int step, int len,
+                                          int slot, int d) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        int j = j0 + u * step;
+        out[u] = j < len ? ((const uint4*)(base + (long)j * d))[slot] : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // Split-K decode attention, pass 1, for the G query heads of one KV head: block (KV head
 // blockIdx.x, split blockIdx.y) reads its keys and values once for all of them (the per-query-
 // head kernel above read them G times). A key row is read as d / VEC 16-byte vectors by as many
@@ -227,11 +239,7 @@ __device__ void attn_group(const T* q, const T* kbuf, const T* vbuf, const u32* 
     // The loop bounds are the same for every lane of a warp, so the shuffles see all 32.
     for (int b = warp * KPW; b < len; b += step * UNROLL) {
         uint4 kv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            int j = b + sub + u * step;
-            kv[u] = j < len ? ((const uint4*)(K + (long)j * d))[slot] : make_uint4(0, 0, 0, 0);
-        }
+        load_rows<T, UNROLL>(kv, K, b + sub, step, len, slot, d);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             int j = b + sub + u * step;
@@ -273,11 +281,7 @@ __device__ void attn_group(const T* q, const T* kbuf, const T* vbuf, const u32* 
     const T* V = vbuf + ((long)kvh * cap + start) * d;
     for (int b = warp * KPW; b < len; b += step * UNROLL) {
         uint4 vv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            int j = b + sub + u * step;
-            vv[u] = j < len ? ((const uint4*)(V + (long)j * d))[slot] : make_uint4(0, 0, 0, 0);
-        }
+        load_rows<T, UNROLL>(vv, V, b + sub, step, len, slot, d);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             int j = b + sub + u * step;
