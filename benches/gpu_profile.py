@@ -49,18 +49,15 @@ def summarize(prof: Any, per: int) -> dict[str, Any]:
     by: dict[str, list[float]] = {}
     for e in kernels:
         by.setdefault(e.name, []).append(e.time_range.elapsed_us())
-    rows = sorted(
-        (
-            {
-                "kernel": k[:100],
-                "calls_per_step": len(v) / per,
-                "us_per_step": sum(v) / per,
-                "us_per_call": sum(v) / len(v),
-            }
-            for k, v in by.items()
-        ),
-        key=lambda r: -r["us_per_step"],
-    )
+    rows: list[dict[str, Any]] = [
+        {
+            "kernel": k[:100],
+            "calls_per_step": len(v) / per,
+            "us_per_step": sum(v) / per,
+            "us_per_call": sum(v) / len(v),
+        }
+        for k, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))
+    ]
     busy = sum(e.time_range.elapsed_us() for e in kernels)
     span = (
         max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
