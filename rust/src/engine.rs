@@ -42,6 +42,18 @@ fn device_argmax(logits: &Tensor) -> Result<u32> {
     Ok(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
 }
 
+/// The logits in `slot` on the host, copied there first if a decode step left them on the
+/// device (a free function on the field, so callers may borrow the engine's other fields).
+fn host_logits(slot: &mut Option<LastLogits>) -> Result<Option<&[f32]>> {
+    if let Some(LastLogits::Device(t)) = slot {
+        *slot = Some(LastLogits::Host(t.flatten_all()?.to_vec1::<f32>()?));
+    }
+    Ok(match slot {
+        Some(LastLogits::Host(v)) => Some(v),
+        _ => None,
+    })
+}
+
 /// The newest token's logits. A CUDA-graph step leaves them on the device, and they come to the
 /// host only when something reads them: greedy decoding reads their argmax alone.
 #[derive(Debug, Clone)]
@@ -192,13 +204,7 @@ impl Engine {
     /// The newest token's logits (copied to the host here if a decode step left them on the
     /// device).
     pub fn last_logits(&mut self) -> Result<Option<&[f32]>> {
-        if let Some(LastLogits::Device(t)) = &self.last_logits {
-            self.last_logits = Some(LastLogits::Host(t.flatten_all()?.to_vec1::<f32>()?));
-        }
-        Ok(match &self.last_logits {
-            Some(LastLogits::Host(v)) => Some(v),
-            _ => None,
-        })
+        host_logits(&mut self.last_logits)
     }
 
     /// Whether there are logits to continue from (a prefilled, non-empty context).
@@ -319,10 +325,8 @@ impl Engine {
             // vocabulary's logits, and no host scan of them).
             Some(LastLogits::Device(t)) if sampler.is_greedy() => device_argmax(t)?,
             Some(_) => {
-                self.last_logits()?;
-                let Some(LastLogits::Host(logits)) = &self.last_logits else {
-                    unreachable!("last_logits() leaves host logits")
-                };
+                let logits = host_logits(&mut self.last_logits)?
+                    .ok_or_else(|| Error::invalid("no logits to sample from"))?;
                 sampler.sample(logits, &self.history)
             }
         };

@@ -303,10 +303,13 @@ mod cuda {
         let stream = dev.cuda_stream();
         let (n, k) = w.dims2()?;
         let size = x.dtype().size_in_bytes();
-        let row = match input {
-            RowInput::Silu => 2 * k,
-            _ => k,
+        // The kernel's staging mode (GEMV_* in decode.cu) and its extra inputs.
+        let (mode, y_in, nw, eps) = match input {
+            RowInput::Plain => (0i32, None, None, 0f32),
+            RowInput::Silu => (1, None, None, 0.0),
+            RowInput::Norm { y, w, eps } => (2, y, Some(w), eps),
         };
+        let row = if mode == 1 { 2 * k } else { k };
         let same = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous() && t.elem_count() == k;
         let fits = x.dims() == [1, row]
             && x.is_contiguous()
@@ -314,23 +317,19 @@ mod cuda {
             && w.is_contiguous()
             && k % (16 / size) == 0
             && k * size <= 48 * 1024 - 256
-            && match input {
-                RowInput::Norm { y, w, .. } => same(w) && y.is_none_or(same),
-                _ => true,
-            };
+            && y_in.is_none_or(same)
+            && nw.is_none_or(same);
         if !fits {
             return Ok(None);
         }
         let wp = addr(w, &stream)?;
-        let (mode, y_in, nw, eps) = match input {
-            RowInput::Plain => (0i32, None, None, 0f32),
-            RowInput::Silu => (1, None, None, 0.0),
-            RowInput::Norm { y, w, eps } => (2, y, Some(w), eps),
-        };
-        for t in [Some(x), Some(w), y_in, nw].into_iter().flatten() {
+        for t in [Some(x), y_in, nw].into_iter().flatten() {
             if addr(t, &stream)? % 16 != 0 {
                 return Ok(None);
             }
+        }
+        if wp % 16 != 0 {
+            return Ok(None);
         }
         let out_dtype = if f32_out { DType::F32 } else { x.dtype() };
         let out = unsafe { Tensor::empty((1, n), out_dtype, x.device())? };
@@ -380,8 +379,7 @@ mod cuda {
         }
         let out = unsafe { Tensor::empty(1, DType::U32, x.device())? };
         let (op, n) = (addr(&out, &stream)?, x.elem_count() as i32);
-        let f = dev.get_or_load_custom_func("argmax_f32", "kvfast_decode", PTX)?;
-        let f = f.into_cuda_function();
+        let f = func(&dev, "argmax", DType::F32)?;
         let mut l = stream.launch_builder(&f);
         l.arg(&xp).arg(&n).arg(&op);
         unsafe { l.launch(cfg((1, 1), 1024, 0)) }.map_err(driver)?;

@@ -542,15 +542,8 @@ impl Qwen3 {
             Some(y) => fused::add_rms_norm(&x, y, &self.norm, eps)?.1,
             None => rms_norm(&x, &self.norm, eps)?,
         };
-        let logits = match &self.lm_head.w {
-            Mat::Dense(w) => {
-                fused::gemv(&h, w, self.lm_head.b.as_ref(), fused::RowInput::Plain, true)?
-                    .map(|(y, _)| y)
-            }
-            _ => None,
-        };
-        let logits = match logits {
-            Some(l) => l,
+        let logits = match dense_gemv(&self.lm_head, &h, fused::RowInput::Plain, true)? {
+            Some((l, _)) => l,
             None => row_product(&self.lm_head, &h)?.to_dtype(DType::F32)?,
         };
         io.logits.slice_set(&logits, 0, 0)?;
@@ -563,16 +556,28 @@ impl Qwen3 {
     }
 }
 
+/// [`crate::fused::gemv`] of `lin` when its weight is dense (None: quantized, or a shape the
+/// kernel does not take; the caller runs the separate ops).
+#[cfg(feature = "cuda")]
+fn dense_gemv(
+    lin: &Linear,
+    x: &Tensor,
+    input: crate::fused::RowInput<'_>,
+    f32_out: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    match &lin.w {
+        Mat::Dense(w) => crate::fused::gemv(x, w, lin.b.as_ref(), input, f32_out),
+        _ => Ok(None),
+    }
+}
+
 /// One row through `lin` on the fused GEMV kernel where it applies, else [`Linear::forward`].
 #[cfg(feature = "cuda")]
 fn row_product(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    use crate::fused::{gemv, RowInput};
-    if let Mat::Dense(w) = &lin.w {
-        if let Some((y, _)) = gemv(x, w, lin.b.as_ref(), RowInput::Plain, false)? {
-            return Ok(y);
-        }
+    match dense_gemv(lin, x, crate::fused::RowInput::Plain, false)? {
+        Some((y, _)) => Ok(y),
+        None => lin.forward(x),
     }
-    lin.forward(x)
 }
 
 /// The residual stream after adding `y` to `x` (None: `x` as is), and `lin` applied to its
@@ -586,12 +591,9 @@ fn norm_product(
     w: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
-    use crate::fused::{add_rms_norm, gemv, RowInput};
-    if let Mat::Dense(m) = &lin.w {
-        let input = RowInput::Norm { y, w, eps };
-        if let Some((out, sum)) = gemv(x, m, lin.b.as_ref(), input, false)? {
-            return Ok((sum.unwrap_or_else(|| x.clone()), out));
-        }
+    use crate::fused::{add_rms_norm, RowInput};
+    if let Some((out, sum)) = dense_gemv(lin, x, RowInput::Norm { y, w, eps }, false)? {
+        return Ok((sum.unwrap_or_else(|| x.clone()), out));
     }
     let (x, h) = match y {
         Some(y) => add_rms_norm(x, y, w, eps)?,
@@ -603,13 +605,10 @@ fn norm_product(
 /// `lin` applied to the SwiGLU of a gate | up row: one GEMV kernel where it applies.
 #[cfg(feature = "cuda")]
 fn silu_product(lin: &Linear, gu: &Tensor) -> Result<Tensor> {
-    use crate::fused::{gemv, silu_mul, RowInput};
-    if let Mat::Dense(m) = &lin.w {
-        if let Some((out, _)) = gemv(gu, m, lin.b.as_ref(), RowInput::Silu, false)? {
-            return Ok(out);
-        }
+    match dense_gemv(lin, gu, crate::fused::RowInput::Silu, false)? {
+        Some((out, _)) => Ok(out),
+        None => row_product(lin, &crate::fused::silu_mul(gu)?),
     }
-    row_product(lin, &silu_mul(gu)?)
 }
 
 /// `x W^T`: the streaming CPU kernel for a few rows (decode), BLAS or candle's GEMM otherwise.
