@@ -31,6 +31,13 @@ p.add_argument(
     help="reference queries: repeat (the paper's) or self-study (kvfast's default; needs a "
     "tokenizer, so qwen3-small only)",
 )
+p.add_argument(
+    "--settings",
+    default="default",
+    help="comma list: default (on-policy, held-out ridge) and/or recommended (off-policy "
+    "max-score selection, ridge 10: the setting that ties KVzip, see docs/compaction.md)",
+)
+p.add_argument("--repeats", type=int, default=1, help="compactions per row (median reported)")
 p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
 p.add_argument("--config", type=Path, default=SHARED / "configs" / "qwen3-0.6b.json")
 ARGS = p.parse_args()
@@ -56,13 +63,21 @@ def matmul_gflops(n: int = 2048, d: int = 128, m: int = 4096) -> float:
 
 def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes: int) -> float:
     """FLOPs of one head's fit: scoring every repeat query against the n context keys and the
-    suffix keys it sees (about half of them on average; `passes` times: once on-policy, the
-    global budgets' scores being taken in the reference pass's own attention on the CPU), the
-    fit's target outputs, the Gram matrices and the value solve."""
+    suffix keys it sees (about half of them on average; `passes` times: once on-policy; off
+    policy (0) the scores come from the reference pass's own attention on the CPU, and only
+    the fit queries' logits over the context are computed), the fit's target outputs, the
+    Gram matrices and the value solve."""
     m_all = g * suffix
     m = min(mq, m_all)
     t = kept
-    return passes * 2 * (n + suffix / 2) * d * m_all + 2 * n * d * m + 2 * m * t * (2 * t + d)
+    scoring = passes * 2 * (n + suffix / 2) * d * m_all + (1 - passes) * 2 * n * d * m
+    return scoring + 2 * n * d * m + 2 * m * t * (2 * t + d)
+
+
+SETTINGS = {
+    "default": {},
+    "recommended": {"score": "max", "on_policy": False, "ridge": 10.0},
+}
 
 
 def main() -> None:
@@ -77,7 +92,9 @@ def main() -> None:
         c = session.config
         layers, kv, d = c["num_hidden_layers"], c["num_key_value_heads"], c["head_dim"]
         g = c["num_attention_heads"] // kv
-        for n in (int(x) for x in ARGS.lengths.split(",")):
+        for n, setting in (
+            (int(x), st) for x in ARGS.lengths.split(",") for st in ARGS.settings.split(",")
+        ):
             ids = [(i * 7919) % 5000 + 10 for i in range(n)]
             session.reset()
             session.prefill(ids, logits=None)
@@ -85,16 +102,28 @@ def main() -> None:
             session.reset()
             session.prefill(ids, logits=None)
             prefill = time.perf_counter() - t0
-            r = session.compact(
-                ratio=ARGS.ratio, max_queries=ARGS.max_queries, queries=ARGS.queries
-            )
+            runs = []
+            for _ in range(ARGS.repeats):
+                session.reset()
+                session.prefill(ids, logits=None)
+                runs.append(
+                    session.compact(
+                        ratio=ARGS.ratio,
+                        max_queries=ARGS.max_queries,
+                        queries=ARGS.queries,
+                        **SETTINGS[setting],
+                    )
+                )
+            r = sorted(runs, key=lambda x: x.seconds_fit)[len(runs) // 2]
             heads = layers * kv
+            passes = 1 if SETTINGS[setting].get("on_policy", True) else 0
             flops = heads * fit_flops(
-                n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, 1
+                n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, passes
             )
             rows.append(
                 (
                     name,
+                    setting,
                     n,
                     prefill,
                     r.seconds_queries,
@@ -106,12 +135,12 @@ def main() -> None:
             print(rows[-1], flush=True)
     print(f"\nplain f32 matmul [2048x128]x[128x4096]: {ref:.1f} GFLOP/s ({ARGS.threads} threads)\n")
     print(
-        "| model | context | prefill s | reference queries s | fits s (whole cache) "
+        "| model | setting | context | prefill s | reference queries s | fits s (whole cache) "
         "| fit ms per (layer, head) | fit GFLOP/s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name, n, pf, q, f, per, gf in rows:
-        print(f"| {name} | {n} | {pf:.2f} | {q:.2f} | {f:.2f} | {per:.0f} | {gf:.1f} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, st, n, pf, q, f, per, gf in rows:
+        print(f"| {name} | {st} | {n} | {pf:.2f} | {q:.2f} | {f:.2f} | {per:.0f} | {gf:.1f} |")
 
 
 if __name__ == "__main__":

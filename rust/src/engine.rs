@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::cache::{KvCache, LayerCache};
 use crate::compact::pipeline::{
-    apply_layer, global_counts, score_layer, scored_from_pass, shared_selection, uniform_counts,
-    HeadBudgets, HeadOutcome, LayerQueries, Method, Options, QuerySource, Scored,
+    apply_layer, fit_inputs_from_pass, global_counts, score_layer, scored_from_pass,
+    shared_selection, uniform_counts, HeadBudgets, HeadOutcome, LayerQueries, Method, Options,
+    PassLayer, QuerySource, Scored,
 };
 use crate::compact::score_pass::ScoringPass;
 use crate::config::ModelConfig;
@@ -601,6 +602,10 @@ impl Engine {
             t_queries += t0.elapsed().as_secs_f64();
         }
         let t0 = clock();
+        // The pass's scores also select, and its statistics feed the fits, where its queries
+        // are the fit's: every layer off-policy, the first compacted layer on-policy (no
+        // layer before it changes).
+        let mut from_pass: Vec<Option<PassLayer>> = Vec::new();
         let global = if global_needed {
             let qs = queries.as_ref().expect("captured");
             let scored = (0..n_layers)
@@ -619,7 +624,22 @@ impl Engine {
                     score_layer(&self.cache, l, Some(&lq), opts, scale, false)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Some(global_counts(&scored, opts))
+            let counts = global_counts(&scored, opts);
+            if let Some(p) = pass.as_mut() {
+                let first = layers.iter().copied().min();
+                from_pass = scored
+                    .into_iter()
+                    .enumerate()
+                    .map(|(l, heads)| {
+                        let g = qs[l]
+                            .dims3()
+                            .map_or(1, |(nh, _, _)| nh / heads.len().max(1));
+                        let reuse = layers.contains(&l) && (!on_policy || Some(l) == first);
+                        reuse.then(|| (heads, p.take_stats(l, g)))
+                    })
+                    .collect();
+            }
+            Some(counts)
         } else {
             None
         };
@@ -643,7 +663,12 @@ impl Engine {
                     causal: true,
                     extra,
                 };
-                let mut scored = score_layer(cache, l, Some(&lq), opts, scale, true)?;
+                let mut scored = match from_pass.get_mut(l).and_then(Option::take) {
+                    Some((heads, stats)) => {
+                        fit_inputs_from_pass(cache, l, heads, stats, &lq, opts, scale)?
+                    }
+                    None => score_layer(cache, l, Some(&lq), opts, scale, true)?,
+                };
                 let counts = layer_counts(l, &mut scored, &global);
                 outcomes[l] = apply_layer(cache, l, scored, &counts, opts, scale)?;
                 fit_time += t1.elapsed().as_secs_f64();
@@ -662,7 +687,12 @@ impl Engine {
                     causal: true,
                     extra,
                 });
-                let mut scored = score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?;
+                let mut scored = match (from_pass.get_mut(l).and_then(Option::take), &lq) {
+                    (Some((heads, stats)), Some(lq)) => {
+                        fit_inputs_from_pass(&self.cache, l, heads, stats, lq, opts, scale)?
+                    }
+                    _ => score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?,
+                };
                 let counts = layer_counts(l, &mut scored, &global);
                 outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts, scale)?;
             }

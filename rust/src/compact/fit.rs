@@ -12,10 +12,11 @@
 use faer::linalg::matmul::matmul;
 use faer::prelude::ReborrowMut;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::compact::select::{top_k, Pool, ScoreAcc};
 use crate::compact::solve::{
-    box_lstsq, cholesky_solve, gram, mean_diag, nnls, ridge_lstsq, ridge_lstsq_cv, Nnls,
+    box_lstsq, cholesky_solve, gram, mean_diag, nnls, ridge_lstsq, ridge_lstsq_split, Nnls,
 };
 use crate::error::{Error, Result};
 
@@ -275,54 +276,63 @@ impl Block {
         MatRef::from_column_major_slice(&self.e, self.n, self.m)
     }
 
-    /// `[t, m]` f64: the kept keys' rows of `e`.
-    fn kept(&self, keep: &[u32]) -> Mat<f64> {
-        let mut a = Mat::<f64>::zeros(keep.len(), self.m);
-        for (r, col) in self.e.chunks_exact(self.n).enumerate() {
-            let dst = a.col_as_slice_mut(r);
-            for (x, &j) in dst.iter_mut().zip(keep) {
-                *x = col[j as usize] as f64;
-            }
+    /// `[t, m]` f64 column-major: the kept keys' rows of `e` (column r: query r).
+    fn kept(&self, keep: &[u32]) -> Vec<f64> {
+        let t = keep.len();
+        let mut a = vec![0f64; t * self.m];
+        if t > 0 {
+            a.par_chunks_mut(t)
+                .zip(self.e.par_chunks(self.n))
+                .for_each(|(dst, col)| {
+                    for (x, &j) in dst.iter_mut().zip(keep) {
+                        *x = col[j as usize] as f64;
+                    }
+                });
         }
         a
     }
 
-    /// The kept keys' mass under weights `w` per query, and `P^T [t, m]`, their softmax.
-    fn kept_softmax(a: &Mat<f64>, w: &[f64]) -> (Vec<f64>, Mat<f64>) {
-        let (t, m) = a.shape();
-        let mut fitted = vec![0f64; m];
-        let mut pt = Mat::<f64>::zeros(t, m);
-        for r in 0..m {
-            let s: f64 = (0..t).map(|i| a[(i, r)] * w[i]).sum();
-            fitted[r] = s;
-            for i in 0..t {
-                pt[(i, r)] = a[(i, r)] * w[i] / s.max(f64::MIN_POSITIVE);
-            }
+    /// The kept keys' mass under weights `w` per query, and `P^T [t, m]` (column-major),
+    /// their softmax; `a` is [`Block::kept`].
+    fn kept_softmax(a: &[f64], w: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let t = w.len();
+        let mut pt = a.to_vec();
+        let mut fitted = vec![0f64; a.len() / t.max(1)];
+        if t > 0 {
+            pt.par_chunks_mut(t)
+                .zip(fitted.par_iter_mut())
+                .for_each(|(col, f)| {
+                    col.iter_mut().zip(w).for_each(|(x, wi)| *x *= wi);
+                    *f = col.iter().sum();
+                    let inv = 1.0 / f.max(f64::MIN_POSITIVE);
+                    col.iter_mut().for_each(|x| *x *= inv);
+                });
         }
         (fitted, pt)
     }
 
-    /// Errors of keeping `keep` with weights `w` (mass multipliers) and values `[t, d]`.
-    fn evaluate(&self, a: &Mat<f64>, w: &[f64], values: MatRef<f64>) -> Fidelity {
-        let (_, m) = a.shape();
+    /// Errors of the kept keys' softmax `pt [t, m]` (mass `fitted` per query) with values
+    /// `[t, d]`.
+    fn evaluate(&self, fitted: &[f64], pt: &[f64], values: MatRef<f64>) -> Fidelity {
+        let (t, m) = (values.nrows(), self.m);
         let d = values.ncols();
-        let (fitted, pt) = Self::kept_softmax(a, w);
         let mut out = Mat::<f64>::zeros(d, m);
         matmul(
             out.as_mut(),
             Accum::Replace,
             values.transpose(),
-            pt.as_ref(),
+            MatRef::from_column_major_slice(pt, t, m),
             1.0,
             crate::compact::par(),
         );
         let (mut me, mut mn, mut oe, mut on) = (0f64, 0f64, 0f64, 0f64);
-        for r in 0..m {
-            me += (fitted[r] - self.mass[r]).powi(2);
-            mn += self.mass[r].powi(2);
-            for c in 0..d {
-                let y = self.target[(c, r)] as f64;
-                oe += (out[(c, r)] - y).powi(2);
+        for (r, (&f, &mass)) in fitted.iter().zip(&self.mass).enumerate() {
+            me += (f - mass).powi(2);
+            mn += mass.powi(2);
+            let (got, want) = (out.col_as_slice(r), self.target.col_as_slice(r));
+            for (&o, &y) in got.iter().zip(want) {
+                let y = y as f64;
+                oe += (o - y).powi(2);
                 on += y * y;
             }
         }
@@ -330,6 +340,28 @@ impl Block {
             mass_rel_err: (me / mn).sqrt(),
             out_rel_err: (oe / on.max(f64::MIN_POSITIVE)).sqrt(),
         }
+    }
+
+    /// The value fit's rows `P [m, t]` and targets `Y [m, d]` (returned transposed, column
+    /// per query), each query weighted by its share of attention in the block and the queries
+    /// of `order` in that order.
+    fn value_rows(&self, pt: &[f64], t: usize, order: &[usize]) -> (Vec<f64>, Vec<f64>) {
+        let d = self.target.nrows();
+        let mut pw = vec![0f64; t * self.m];
+        let mut yt = vec![0f64; d * self.m];
+        pw.par_chunks_mut(t)
+            .zip(yt.par_chunks_mut(d))
+            .zip(order.par_iter())
+            .for_each(|((p, y), &r)| {
+                let wr = self.weight[r];
+                p.iter_mut()
+                    .zip(&pt[r * t..(r + 1) * t])
+                    .for_each(|(x, &v)| *x = v * wr);
+                y.iter_mut()
+                    .zip(self.target.col_as_slice(r))
+                    .for_each(|(x, &v)| *x = v as f64 * wr);
+            });
+        (pw, yt)
     }
 
     /// `t` keys chosen by orthogonal matching pursuit on the mass (the paper's stronger
@@ -432,18 +464,18 @@ impl Block {
     /// Fidelity of keeping `keep` as they are (beta = 0, original values `v [n, d]`): what the
     /// baselines and `fit="none"` give.
     pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
-        let a = self.kept(keep);
-        self.evaluate(&a, &vec![1.0; keep.len()], kept_values(keep, v, d).as_ref())
+        let (fitted, pt) = Self::kept_softmax(&self.kept(keep), &vec![1.0; keep.len()]);
+        self.evaluate(&fitted, &pt, kept_values(keep, v, d).as_ref())
     }
 
     /// w = exp(beta) >= 0 from NNLS on the mass equations `A^T w ~ mass` (`a` is `[t, m]`),
     /// refined into `p.beta_bounds` when set.
-    fn fit_weights(&self, a: &Mat<f64>, p: &FitParams) -> Result<Nnls> {
+    fn fit_weights(&self, a: MatRef<f64>, p: &FitParams) -> Result<Nnls> {
         let (t, m) = a.shape();
         let g = gram(a.transpose());
         let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
         let mut h = Mat::<f64>::zeros(t, 1);
-        matmul(h.as_mut(), Accum::Replace, a.as_ref(), mass, 1.0, Par::Seq);
+        matmul(h.as_mut(), Accum::Replace, a, mass, 1.0, Par::Seq);
         // Keys no reference query attends to (zero columns) carry no evidence: they keep
         // w = 1, and the solve runs on the others (a zero column also makes G singular).
         let max_diag = (0..t).map(|i| g[(i, i)]).fold(0f64, f64::max);
@@ -498,9 +530,9 @@ impl Block {
             return Err(Error::invalid("fit: nothing kept"));
         }
         let a = self.kept(keep);
-        let m = a.ncols();
+        let m = self.m;
         let sol = if matches!(what, Fit::Am | Fit::Beta) {
-            self.fit_weights(&a, p)?
+            self.fit_weights(MatRef::from_column_major_slice(&a, t, m), p)?
         } else {
             Nnls {
                 w: vec![1.0; t],
@@ -512,25 +544,30 @@ impl Block {
         let w: Vec<f64> = sol.w.iter().map(|&x| x.max(1e-12)).collect();
         let d = self.target.nrows();
         let own = kept_values(keep, v, d);
+        let (fitted, pt) = Self::kept_softmax(&a, &w);
+        drop(a);
         let cv = match what {
             Fit::Am | Fit::Values => {
-                let (_, pt) = Self::kept_softmax(&a, &w);
-                let wr = &self.weight;
-                let pw = Mat::<f64>::from_fn(m, t, |r, i| pt[(i, r)] * wr[r]);
-                let y = Mat::<f64>::from_fn(m, d, |r, c| self.target[(c, r)] as f64 * wr[r]);
+                // The held-out search holds out every other tenth of the (position-ordered)
+                // queries, so the chosen ridge must carry over to queries looking elsewhere;
+                // its rows go last, so both row sets are views.
+                let held = |r: usize| p.ridge.is_none() && (r * 10 / m) % 2 == 1;
+                let order: Vec<usize> = (0..m)
+                    .filter(|&r| !held(r))
+                    .chain((0..m).filter(|&r| held(r)))
+                    .collect();
+                let split = (0..m).filter(|&r| !held(r)).count();
+                let (pw, yt) = self.value_rows(&pt, t, &order);
+                let pm = MatRef::from_column_major_slice(&pw, t, m).transpose();
+                let ym = MatRef::from_column_major_slice(&yt, d, m).transpose();
                 match p.ridge {
-                    Some(r) => ridge_lstsq(pw.as_ref(), y.as_ref(), r, Some(own.as_ref()))?,
-                    None => {
-                        // Hold out every other tenth of the (position-ordered) queries, so
-                        // the chosen ridge must carry over to queries looking elsewhere.
-                        let held: Vec<bool> = (0..m).map(|r| (r * 10 / m) % 2 == 1).collect();
-                        ridge_lstsq_cv(pw.as_ref(), y.as_ref(), own.as_ref(), &held)?.0
-                    }
+                    Some(r) => ridge_lstsq(pm, ym, r, Some(own.as_ref()))?,
+                    None => ridge_lstsq_split(pm, ym, own.as_ref(), split)?.0,
                 }
             }
             Fit::Beta | Fit::None => own,
         };
-        let fidelity = self.evaluate(&a, &w, cv.as_ref());
+        let fidelity = self.evaluate(&fitted, &pt, cv.as_ref());
         Ok(HeadFit {
             bias: keep
                 .iter()

@@ -269,55 +269,24 @@ pub fn score_layer(
     let mut heads = (0..n_kv)
         .into_par_iter()
         .map(|h| -> Result<Scored> {
-            let head = cache.head(l, h);
-            let n = head.len();
-            let (k, v, bias) = (
-                f32s(&head.keys()?)?,
-                f32s(&head.values()?)?,
-                f32s(&head.bias()?)?,
-            );
             let extra = queries.map_or(0, |lq| lq.extra);
-            let mut s = Scored {
-                k,
-                v,
-                bias,
-                n,
-                extra,
-                fit_q: None,
-                fit_e: None,
-                whole: None,
-                scores: Vec::new(),
-                entropy: 0.0,
-            };
+            let mut s = read_head(cache, l, h, extra)?;
+            let n = s.n;
             let (lo, hi) = s.window(opts);
             let (Some(q_all), Some((nh, t, _)), Some(lq)) = (&q_all, shape, queries) else {
                 return Ok(s);
             };
             let g = nh / n_kv;
             let rows = g * t;
-            let base = h * g * t * d;
-            let gather = |picked: &[usize]| -> Vec<f32> {
-                picked
-                    .iter()
-                    .flat_map(|&r| &q_all[base + r * d..base + (r + 1) * d])
-                    .copied()
-                    .collect()
-            };
+            let gather = |picked: &[usize]| gather_rows(q_all, h * rows, picked, d);
             // Query token i of the last t sees keys 0..n - (t - 1 - i).
             let visible = |picked: &[usize]| -> Option<Vec<usize>> {
                 lq.causal
                     .then(|| picked.iter().map(|&r| n - (t - 1 - r % t).min(n)).collect())
             };
-            // The fit uses a seeded random subset of at most `max_queries` of the queries.
-            let picked: Vec<usize> = match keep_logits {
+            let picked = match keep_logits {
                 false => Vec::new(),
-                true if rows > opts.max_queries => {
-                    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
-                    let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
-                    p.sort_unstable();
-                    p
-                }
-                true => (0..rows).collect(),
+                true => fit_rows(opts, l, h, rows),
             };
             // The fit's attention numerators over the middle keys, one column per picked query.
             let mut fit_e = (keep_logits && hi - lo <= opts.chunk)
@@ -374,6 +343,100 @@ pub fn score_layer(
         .collect::<Result<Vec<_>>>()?;
     share_tova(&mut heads, opts);
     Ok(heads)
+}
+
+/// Head `h` of layer `l` read out of the cache in f32, not yet scored.
+fn read_head(cache: &KvCache, l: usize, h: usize, extra: usize) -> Result<Scored> {
+    let head = cache.head(l, h);
+    Ok(Scored {
+        k: f32s(&head.keys()?)?,
+        v: f32s(&head.values()?)?,
+        bias: f32s(&head.bias()?)?,
+        n: head.len(),
+        extra,
+        fit_q: None,
+        fit_e: None,
+        whole: None,
+        scores: Vec::new(),
+        entropy: 0.0,
+    })
+}
+
+/// The query rows a head's fit uses: a seeded random subset of at most `max_queries` of its
+/// `rows`, in order.
+fn fit_rows(opts: &Options, l: usize, h: usize, rows: usize) -> Vec<usize> {
+    if rows <= opts.max_queries {
+        return (0..rows).collect();
+    }
+    let mut rng = StdRng::seed_from_u64(opts.seed ^ ((l as u64) << 20) ^ h as u64);
+    let mut p = sample(&mut rng, rows, opts.max_queries).into_vec();
+    p.sort_unstable();
+    p
+}
+
+/// Rows `picked` of the `[*, d]` queries starting at row `base`, row-major.
+fn gather_rows(q: &[f32], base: usize, picked: &[usize], d: usize) -> Vec<f32> {
+    picked
+        .iter()
+        .flat_map(|&r| &q[(base + r) * d..(base + r + 1) * d])
+        .copied()
+        .collect()
+}
+
+/// A layer as a scoring pass left it: its heads' scores and, per head, each query row's
+/// softmax `(max, total)`.
+pub type PassLayer = (Vec<Scored>, Vec<Vec<(f32, f64)>>);
+
+/// Completes the heads a [`ScoringPass`](crate::compact::score_pass::ScoringPass) scored
+/// (the off-policy reference queries, still in the cache as `lq.extra` rows) with what their
+/// fit needs: the fit queries, their softmax statistics from the pass (`stats[h]`, rows as in
+/// [`score_layer`]), and their attention numerators over the middle keys. Only the fit
+/// queries' logits over the middle are computed, instead of scoring every query again.
+pub fn fit_inputs_from_pass(
+    cache: &KvCache,
+    l: usize,
+    heads: Vec<Scored>,
+    stats: Vec<Vec<(f32, f64)>>,
+    lq: &LayerQueries,
+    opts: &Options,
+    scale: f32,
+) -> Result<Vec<Scored>> {
+    let d = cache.head_dim();
+    let q_all = f32s(lq.q)?;
+    let (nh, _, _) = lq.q.dims3()?;
+    let rows = nh / cache.n_kv_heads() * lq.q.dim(1)?;
+    heads
+        .into_par_iter()
+        .zip(stats)
+        .enumerate()
+        .map(|(h, (scored, stats))| -> Result<Scored> {
+            let mut s = read_head(cache, l, h, lq.extra)?;
+            if s.n != scored.n || stats.len() != rows {
+                return Err(Error::invalid(
+                    "compact: the scoring pass does not match the cache it scored",
+                ));
+            }
+            (s.scores, s.entropy) = (scored.scores, scored.entropy);
+            let picked = fit_rows(opts, l, h, rows);
+            let q = gather_rows(&q_all, h * rows, &picked, d);
+            let (lo, hi) = s.window(opts);
+            if hi - lo <= opts.chunk {
+                // The fit scores every middle key, seen or not (no causal mask), in the units
+                // of the pass's max: each column is exp(logit - max).
+                let mut e = Vec::new();
+                logits_t_into(&mut e, &q, &s.k[lo * d..hi * d], &s.bias[lo..hi], d, scale);
+                e.par_chunks_mut(hi - lo)
+                    .zip(&picked)
+                    .for_each(|(col, &r)| {
+                        exp_shifted(col, stats[r].0);
+                    });
+                s.fit_e = Some(e);
+            }
+            s.whole = Some(picked.iter().map(|&r| stats[r]).unzip());
+            s.fit_q = Some(q);
+            Ok(s)
+        })
+        .collect()
 }
 
 /// The selection scores of a head's middle keys from their pooled attention.
@@ -721,5 +784,75 @@ mod tests {
         assert_eq!(shared_selection(&mut heads, 0.0, 1), Some(1));
         let mut ragged = vec![scored(vec![1.0; 4]), scored(vec![1.0; 5])];
         assert_eq!(shared_selection(&mut ragged, 3.0, 8), None);
+    }
+
+    /// Off-policy fits take their inputs from the scoring pass instead of scoring every query
+    /// again: scores, fit queries, statistics and numerators equal [`score_layer`]'s (ragged,
+    /// biased heads; the pass's own keys in the cache; two chunks; subsampled fit rows).
+    #[test]
+    fn fit_inputs_from_the_pass_equal_a_fresh_scoring() -> Result<()> {
+        use crate::compact::score_pass::ScoringPass;
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
+        let mut cache = KvCache::new(1, n_kv, d, DType::F32, &dev)?;
+        for (h, n) in [20usize, 26].into_iter().enumerate() {
+            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            cache.replace_head(0, h, &k, &v, Some(&b))?;
+        }
+        let mut opts = Options::new(Method::Am, 8);
+        (opts.sink, opts.recent, opts.max_queries) = (2, 3, 20);
+        for pool in [Pool::Rms, Pool::Max] {
+            opts.pool = pool;
+            let mut c = cache.clone();
+            let mut pass = ScoringPass::new(1, n_kv, pool, false, scale);
+            let mut qs = Vec::new();
+            for t in [5usize, 4] {
+                let k = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
+                let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
+                c.append(0, &k, &v)?;
+                let q = Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?;
+                pass.attend(0, &q, &c.layers[0])?;
+                qs.push(q);
+            }
+            let q = Tensor::cat(&qs, 1)?;
+            let lq = LayerQueries {
+                q: &q,
+                causal: true,
+                extra: 9,
+            };
+            let heads = scored_from_pass(pass.finish_layer(0), 9, &opts);
+            let got = fit_inputs_from_pass(&c, 0, heads, pass.take_stats(0, g), &lq, &opts, scale)?;
+            let want = score_layer(&c, 0, Some(&lq), &opts, scale, true)?;
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len(), "{what}");
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1e-3),
+                        "{what}: {x} vs {y}"
+                    );
+                }
+            };
+            for (a, b) in got.iter().zip(&want) {
+                assert_eq!(a.fit_q, b.fit_q, "the same seeded fit rows");
+                close(&a.scores, &b.scores, "scores");
+                close(
+                    a.fit_e.as_ref().unwrap(),
+                    b.fit_e.as_ref().unwrap(),
+                    "numerators",
+                );
+                let (wa, wb) = (a.whole.as_ref().unwrap(), b.whole.as_ref().unwrap());
+                close(&wa.0, &wb.0, "max");
+                let (ta, tb): (Vec<f32>, Vec<f32>) = (
+                    wa.1.iter().map(|&x| x as f32).collect(),
+                    wb.1.iter().map(|&x| x as f32).collect(),
+                );
+                close(&ta, &tb, "total");
+                assert_eq!((a.k.len(), a.n, a.extra), (b.k.len(), b.n, b.extra));
+            }
+        }
+        Ok(())
     }
 }

@@ -19,8 +19,14 @@ use crate::error::Result;
 /// Per-key score accumulators of every (layer, KV head), filled by [`ScoringPass::attend`].
 pub struct ScoringPass {
     accs: Vec<Vec<ScoreAcc>>,
+    /// Per (layer, KV head), per chunk: each query row's softmax `(max, total)` over the keys
+    /// it saw (rows `[g, t]` of the chunk), so an off-policy fit need not score them again.
+    stats: Vec<Vec<Vec<QueryStats>>>,
     scale: f32,
 }
+
+/// One chunk's `(max logit, total exp(logit - max))` per query row, `g` heads of `t` tokens.
+pub type QueryStats = Vec<(f32, f64)>;
 
 impl ScoringPass {
     pub fn new(n_layers: usize, n_kv: usize, pool: Pool, entropy: bool, scale: f32) -> Self {
@@ -36,6 +42,7 @@ impl ScoringPass {
             accs: (0..n_layers)
                 .map(|_| (0..n_kv).map(|_| acc()).collect())
                 .collect(),
+            stats: vec![vec![Vec::new(); n_kv]; n_layers],
             scale,
         }
     }
@@ -54,8 +61,9 @@ impl ScoringPass {
             .heads
             .par_iter()
             .zip(self.accs[l].par_iter_mut())
+            .zip(self.stats[l].par_iter_mut())
             .enumerate()
-            .map(|(h, (head, acc))| -> Result<Vec<f32>> {
+            .map(|(h, ((head, acc), kept))| -> Result<Vec<f32>> {
                 let n = head.len();
                 let (k, v, bias) = (
                     f32s(&head.keys()?)?,
@@ -97,11 +105,32 @@ impl ScoringPass {
                     let inv = (1.0 / sum) as f32;
                     flat.extend(out.col_as_slice(r).iter().map(|x| x * inv));
                 }
+                kept.push(stats);
                 Ok(flat)
             })
             .collect::<Result<Vec<_>>>()?;
         let out = Tensor::from_vec(outs.concat(), (nh, t, d), q.device())?;
         Ok(out.to_dtype(q.dtype())?)
+    }
+
+    /// Layer `l`'s query statistics per KV head, rows in [`score_layer`]'s order (query head
+    /// by query head, each over every token of the pass).
+    ///
+    /// [`score_layer`]: crate::compact::pipeline::score_layer
+    pub fn take_stats(&mut self, l: usize, g: usize) -> Vec<Vec<(f32, f64)>> {
+        std::mem::take(&mut self.stats[l])
+            .into_iter()
+            .map(|chunks| {
+                (0..g)
+                    .flat_map(|qh| {
+                        chunks.iter().flat_map(move |c| {
+                            let t = c.len() / g;
+                            c[qh * t..(qh + 1) * t].iter().copied()
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Layer `l`'s scores: per KV head, the score of every key it had when last scored

@@ -7,7 +7,7 @@
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::Solve;
-use faer::{Accum, Mat, MatRef, Par, Scale, Side};
+use faer::{Accum, Mat, MatRef, Scale, Side};
 
 use crate::error::{Error, Result};
 
@@ -320,7 +320,7 @@ impl NormalEq {
             self.gram.as_ref(),
             x,
             1.0,
-            Par::Seq,
+            crate::compact::par(),
         );
         let mut e = self.yy;
         for c in 0..x.ncols() {
@@ -371,17 +371,36 @@ pub fn ridge_lstsq_cv(
     if y.nrows() != m || held.len() != m || anchor.shape() != (t, d) {
         return Err(Error::invalid("ridge_lstsq_cv: mismatched shapes"));
     }
-    let rows = |keep: bool| -> Vec<usize> { (0..m).filter(|&r| held[r] == keep).collect() };
-    let (fit_rows, val_rows) = (rows(false), rows(true));
-    if fit_rows.is_empty() || val_rows.is_empty() {
+    // The fit rows first, then the held-out ones.
+    let order: Vec<usize> = (0..m)
+        .filter(|&r| !held[r])
+        .chain((0..m).filter(|&r| held[r]))
+        .collect();
+    let pick = |a: MatRef<f64>| Mat::<f64>::from_fn(m, a.ncols(), |i, c| a[(order[i], c)]);
+    let split = held.iter().filter(|&&h| !h).count();
+    ridge_lstsq_split(pick(p).as_ref(), pick(y).as_ref(), anchor, split)
+}
+
+/// [`ridge_lstsq_cv`] with the rows already ordered: rows `..split` fit, rows `split..` are
+/// held out (views, no copies).
+pub fn ridge_lstsq_split(
+    p: MatRef<f64>,
+    y: MatRef<f64>,
+    anchor: MatRef<f64>,
+    split: usize,
+) -> Result<(Mat<f64>, f64)> {
+    let (m, t) = p.shape();
+    let d = y.ncols();
+    if y.nrows() != m || anchor.shape() != (t, d) {
+        return Err(Error::invalid("ridge_lstsq_cv: mismatched shapes"));
+    }
+    if split == 0 || split >= m {
         return Err(Error::invalid(
             "ridge_lstsq_cv: needs fit and held-out rows",
         ));
     }
-    let pick =
-        |a: MatRef<f64>, r: &[usize]| Mat::<f64>::from_fn(r.len(), a.ncols(), |i, c| a[(r[i], c)]);
-    let fit = NormalEq::new(pick(p, &fit_rows).as_ref(), pick(y, &fit_rows).as_ref());
-    let val = NormalEq::new(pick(p, &val_rows).as_ref(), pick(y, &val_rows).as_ref());
+    let fit = NormalEq::new(p.subrows(0, split), y.subrows(0, split));
+    let val = NormalEq::new(p.subrows(split, m - split), y.subrows(split, m - split));
     let mut best = (val.error(anchor), f64::INFINITY);
     for &ridge in &RIDGE_GRID {
         // A candidate the fit rows cannot support (not positive definite) just loses.
