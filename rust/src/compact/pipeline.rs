@@ -791,17 +791,11 @@ mod tests {
     /// biased heads; the pass's own keys in the cache; two chunks; subsampled fit rows).
     #[test]
     fn fit_inputs_from_the_pass_equal_a_fresh_scoring() -> Result<()> {
-        use crate::compact::score_pass::ScoringPass;
+        use crate::compact::score_pass::{tests::ragged_cache, ScoringPass};
         use candle_core::Device;
         let dev = Device::Cpu;
         let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
-        let mut cache = KvCache::new(1, n_kv, d, DType::F32, &dev)?;
-        for (h, n) in [20usize, 26].into_iter().enumerate() {
-            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
-            cache.replace_head(0, h, &k, &v, Some(&b))?;
-        }
+        let cache = ragged_cache(&[20, 26], d)?;
         let mut opts = Options::new(Method::Am, 8);
         (opts.sink, opts.recent, opts.max_queries) = (2, 3, 20);
         for pool in [Pool::Rms, Pool::Max] {

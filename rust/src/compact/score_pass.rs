@@ -147,13 +147,27 @@ impl ScoringPass {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::attention::attend_reference;
     use crate::cache::KvCache;
     use crate::compact::fit::logits_t;
     use crate::compact::select::key_scores;
     use candle_core::{DType, Device};
+
+    /// One layer of random heads of `lens` keys each, with random biases (as after a
+    /// compaction).
+    pub(crate) fn ragged_cache(lens: &[usize], d: usize) -> Result<KvCache> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1, lens.len(), d, DType::F32, &dev)?;
+        for (h, &n) in lens.iter().enumerate() {
+            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            cache.replace_head(0, h, &k, &v, Some(&b))?;
+        }
+        Ok(cache)
+    }
 
     /// Two chunks of queries over a ragged, biased layer (as after a compaction): the pass's
     /// attention equals the plain reference, and its scores equal the scores of every query
@@ -162,13 +176,7 @@ mod tests {
     fn attention_and_scores_match_the_one_shot_reference() -> Result<()> {
         let dev = Device::Cpu;
         let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
-        let mut cache = KvCache::new(1, n_kv, d, DType::F32, &dev)?;
-        for (h, n) in [9usize, 14].into_iter().enumerate() {
-            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
-            cache.replace_head(0, h, &k, &v, Some(&b))?;
-        }
+        let cache = ragged_cache(&[9, 14], d)?;
         for pool in [Pool::Rms, Pool::Max] {
             let mut c = cache.clone();
             let mut pass = ScoringPass::new(1, n_kv, pool, true, scale);
