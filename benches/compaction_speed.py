@@ -62,15 +62,15 @@ def matmul_gflops(n: int = 2048, d: int = 128, m: int = 4096) -> float:
 
 
 def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes: int) -> float:
-    """FLOPs of one head's fit: scoring every repeat query against the n context keys and the
-    suffix keys it sees (about half of them on average; `passes` times: once on-policy; off
-    policy (0) the scores come from the reference pass's own attention on the CPU, and only
-    the fit queries' logits over the context are computed), the fit's target outputs, the
-    Gram matrices and the value solve."""
+    """FLOPs of one head's fit: scoring every repeat query against the n context keys
+    (`passes` times: once on-policy, where the suffix keys' part of each softmax comes from
+    the pass's own attention on the CPU; off policy (0) the scores come from the reference
+    pass's attention, and only the fit queries' logits over the context are computed), the
+    fit's target outputs, the Gram matrices and the value solve."""
     m_all = g * suffix
     m = min(mq, m_all)
     t = kept
-    scoring = passes * 2 * (n + suffix / 2) * d * m_all + (1 - passes) * 2 * n * d * m
+    scoring = passes * 2 * n * d * m_all + (1 - passes) * 2 * n * d * m
     return scoring + 2 * n * d * m + 2 * m * t * (2 * t + d)
 
 

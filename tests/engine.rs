@@ -155,9 +155,12 @@ fn layerwise_forward_equals_the_token_major_pass() {
         .forward_capture(&all, &mut cache, Some(&mut want_q))
         .unwrap();
     let mut got_q = Vec::new();
-    let mut hook = |_l: usize, q: &candle_core::Tensor, _c: &mut _| -> _native::error::Result<()> {
+    let mut hook = |_l: usize,
+                    q: &candle_core::Tensor,
+                    _c: &mut _|
+     -> _native::error::Result<Option<candle_core::Tensor>> {
         got_q.push(q.clone());
-        Ok(())
+        Ok(None)
     };
     a.model
         .forward_layerwise(&all, &mut a.cache, 100, &mut hook)

@@ -12,6 +12,7 @@ use crate::compact::pipeline::{
     PassLayer, QuerySource, Scored,
 };
 use crate::compact::score_pass::ScoringPass;
+use crate::compact::split_attention::{merge_context, suffix_partials};
 use crate::config::ModelConfig;
 use crate::decode_graph::DecodeGraphs;
 use crate::device::{parse_device, parse_dtype, parse_weight_format};
@@ -620,6 +621,7 @@ impl Engine {
                         q: &qs[l],
                         causal: true,
                         extra,
+                        outside: None,
                     };
                     score_layer(&self.cache, l, Some(&lq), opts, scale, false)
                 })
@@ -653,17 +655,28 @@ impl Engine {
             query_tokens = s.len();
             let t0 = clock();
             let mut fit_time = 0f64;
-            let mut hook = |l: usize, q: &Tensor, cache: &mut KvCache| -> Result<()> {
+            // On the CPU with a full-precision cache the suffix's part of each layer's
+            // attention is computed once and serves both the scoring and the forward pass
+            // (see `compact::split_attention`); its time is the pass's, not the fit's.
+            let split = self.model.device().is_cpu() && self.cache.quant().is_none();
+            let last = n_layers - 1;
+            let mut hook = |l: usize, q: &Tensor, cache: &mut KvCache| -> Result<Option<Tensor>> {
                 if !layers.contains(&l) {
-                    return Ok(());
+                    return Ok(None);
                 }
+                let reused = from_pass.get_mut(l).and_then(Option::take);
+                let partials = match (split, &reused) {
+                    (true, None) => Some(suffix_partials(&cache.layers[l], q, scale)?),
+                    _ => None,
+                };
                 let t1 = clock();
                 let lq = LayerQueries {
                     q,
                     causal: true,
                     extra,
+                    outside: partials.as_ref().map(|p| p.stats.as_slice()),
                 };
-                let mut scored = match from_pass.get_mut(l).and_then(Option::take) {
+                let mut scored = match reused {
                     Some((heads, stats)) => {
                         fit_inputs_from_pass(cache, l, heads, stats, &lq, opts, scale)?
                     }
@@ -672,7 +685,10 @@ impl Engine {
                 let counts = layer_counts(l, &mut scored, &global);
                 outcomes[l] = apply_layer(cache, l, scored, &counts, opts, scale)?;
                 fit_time += t1.elapsed().as_secs_f64();
-                Ok(())
+                match partials {
+                    Some(p) if l < last => Ok(Some(merge_context(&cache.layers[l], q, &p, scale)?)),
+                    _ => Ok(None),
+                }
             };
             self.model
                 .forward_layerwise(s, &mut self.cache, PREFILL_CHUNK, &mut hook)?;
@@ -686,6 +702,7 @@ impl Engine {
                     q: &qs[l],
                     causal: true,
                     extra,
+                    outside: None,
                 });
                 let mut scored = match (from_pass.get_mut(l).and_then(Option::take), &lq) {
                     (Some((heads, stats)), Some(lq)) => {

@@ -87,10 +87,21 @@ pub enum Fold {
     Sum,
 }
 
+/// No keys outside the row (see [`softmax_fold`]).
+pub const NOTHING_OUTSIDE: (f32, f64) = (f32::NEG_INFINITY, 0.0);
+
 #[inline(always)]
-fn softmax_fold_body(x: &mut [f32], acc: &mut [f32], fold: Fold) -> (f32, f64) {
-    let max = max_body(x);
-    let sum = exp_shifted_body(x, max);
+fn softmax_fold_body(
+    x: &mut [f32],
+    acc: &mut [f32],
+    fold: Fold,
+    outside: (f32, f64),
+) -> (f32, f64) {
+    let max = max_body(x).max(outside.0);
+    let mut sum = exp_shifted_body(x, max);
+    if outside.1 > 0.0 {
+        sum += outside.1 * ((outside.0 - max) as f64).exp();
+    }
     let inv = (1.0 / sum) as f32;
     let acc = &mut acc[..x.len()];
     // Weights below 1e-18 fold as 0 (tested before the product): they and their squares
@@ -184,8 +195,10 @@ multiversion! {
 
 multiversion! {
     /// One query's softmax over its logits `x`, in place (`x[i] = exp(x[i] - max)`), folded
-    /// into `acc[..x.len()]` as normalised weights; returns `(max, sum)`.
-    pub fn softmax_fold(x: &mut [f32], acc: &mut [f32], fold: Fold) -> (f32, f64) = softmax_fold_body
+    /// into `acc[..x.len()]` as normalised weights; returns `(max, sum)`. `outside`: the
+    /// `(max, sum of exp(logit - max))` of the query's other keys, which share the softmax but
+    /// are not folded ([`NOTHING_OUTSIDE`] when there are none); `max` and `sum` then cover them.
+    pub fn softmax_fold(x: &mut [f32], acc: &mut [f32], fold: Fold, outside: (f32, f64)) -> (f32, f64) = softmax_fold_body
 }
 
 /// Softmax numerator of one row in place: `x[i] = exp(x[i] - max)`; returns `(max, sum)`.
@@ -224,7 +237,7 @@ mod tests {
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let e: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
             let s: f64 = e.iter().sum();
-            type Build = fn(&mut [f32], &mut [f32], Fold) -> (f32, f64);
+            type Build = fn(&mut [f32], &mut [f32], Fold, (f32, f64)) -> (f32, f64);
             let builds: [Build; 2] = [softmax_fold, softmax_fold_body];
             for (fold, f) in [Fold::Squares, Fold::Max, Fold::Sum]
                 .into_iter()
@@ -232,7 +245,7 @@ mod tests {
             {
                 let mut x = logits.clone();
                 let mut acc = vec![0.25f32; n + 3];
-                let (m, sum) = f(&mut x, &mut acc, fold);
+                let (m, sum) = f(&mut x, &mut acc, fold, NOTHING_OUTSIDE);
                 assert_eq!(m as f64, max);
                 assert!((sum - s).abs() < 1e-5 * s, "{n} {fold:?}");
                 for j in 0..n {
@@ -246,6 +259,21 @@ mod tests {
                     assert!((x[j] as f64 - e[j]).abs() < 1e-6 * e[j].max(1e-30) + 1e-12);
                 }
                 assert!(acc[n..].iter().all(|&a| a == 0.25), "past the column");
+                // The same row split in two: the first part folded with the second as outside
+                // keys gives the first part's weights and the whole row's statistics.
+                let k = n / 2;
+                if k > 0 {
+                    let mut tail = logits[k..].to_vec();
+                    let outside = exp_from_max(&mut tail);
+                    let mut head = logits[..k].to_vec();
+                    let mut acc2 = vec![0.25f32; k];
+                    let (m2, sum2) = f(&mut head, &mut acc2, fold, outside);
+                    assert_eq!(m2 as f64, max);
+                    assert!((sum2 - s).abs() < 1e-5 * s, "{n} {fold:?} split");
+                    for j in 0..k {
+                        assert!((acc2[j] - acc[j]).abs() < 1e-6, "{n} {fold:?} split {j}");
+                    }
+                }
             }
         }
     }

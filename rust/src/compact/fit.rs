@@ -635,7 +635,11 @@ pub fn fit_head(h: &HeadData, keep: Keep, what: Fit, p: &FitParams) -> Result<(V
             // The scoring softmax leaves each column as exp(logit - max): the block's own
             // numerators, so the fit reuses them.
             let mut acc = ScoreAcc::new(n, Pool::Rms);
-            acc.add(MatMut::from_column_major_slice_mut(&mut lt, n, m), None);
+            acc.add(
+                MatMut::from_column_major_slice_mut(&mut lt, n, m),
+                None,
+                None,
+            );
             let keep = top_k(&acc.finish(), t);
             (keep, Block::from_exp(lt, n, h.v, h.d, None)?)
         }

@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod score_pass;
 pub mod select;
 pub mod solve;
+pub mod split_attention;
 
 use candle_core::Tensor;
 use faer::Par;

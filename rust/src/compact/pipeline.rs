@@ -205,11 +205,14 @@ impl Options {
 /// cache's own last `s` tokens, each seeing only the keys up to itself. `extra`: how many of
 /// each head's newest rows are the query tokens' own scratch keys (the repeat suffix): they
 /// take part in every softmax, as in the real forward pass, but are neither selected nor fitted
-/// and stay last.
+/// and stay last. `outside`: per KV head and query row, the `(max, sum)` of the query's
+/// softmax over those scratch keys, computed elsewhere (the on-policy pass's split attention):
+/// then only the keys before them are scored.
 pub struct LayerQueries<'a> {
     pub q: &'a Tensor,
     pub causal: bool,
     pub extra: usize,
+    pub outside: Option<&'a [Vec<(f32, f64)>]>,
 }
 
 /// A head read out of the cache with its scores.
@@ -305,15 +308,18 @@ pub fn score_layer(
                 // Suffix queries see the scratch keys only up to themselves: logits of the keys
                 // no query of the chunk sees are never computed (the fit's block is the
                 // context, which every suffix query sees).
-                let seen = visible(chunk);
-                let upto = match (&seen, lq.extra > 0) {
-                    (Some(v), true) => v.iter().copied().max().unwrap_or(n).min(n),
+                let outside = lq.outside.map(|o| &o[h][chunk[0]..chunk[0] + chunk.len()]);
+                let seen = visible(chunk).filter(|_| outside.is_none());
+                let upto = match (&seen, lq.extra > 0, outside) {
+                    // Only the context: every suffix query sees all of it.
+                    (_, _, Some(_)) => n - lq.extra,
+                    (Some(v), true, _) => v.iter().copied().max().unwrap_or(n).min(n),
                     _ => n,
                 };
                 let qc = gather(chunk);
                 logits_t_into(&mut lt, &qc, &s.k[..upto * d], &s.bias[..upto], d, scale);
                 let lt_mut = MatMut::from_column_major_slice_mut(&mut lt, upto, chunk.len());
-                let stats = acc.add(lt_mut, seen.as_deref());
+                let stats = acc.add(lt_mut, seen.as_deref(), outside);
                 // The fit reuses the softmax numerators and statistics of its queries.
                 while next < picked.len() && picked[next] <= chunk[chunk.len() - 1] {
                     let c = picked[next] - chunk[0];
@@ -792,6 +798,7 @@ mod tests {
     #[test]
     fn fit_inputs_from_the_pass_equal_a_fresh_scoring() -> Result<()> {
         use crate::compact::score_pass::{tests::ragged_cache, ScoringPass};
+        use crate::compact::split_attention::suffix_partials;
         use candle_core::Device;
         let dev = Device::Cpu;
         let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
@@ -816,6 +823,7 @@ mod tests {
                 q: &q,
                 causal: true,
                 extra: 9,
+                outside: None,
             };
             let heads = scored_from_pass(pass.finish_layer(0), 9, &opts);
             let got = fit_inputs_from_pass(&c, 0, heads, pass.take_stats(0, g), &lq, &opts, scale)?;
@@ -845,6 +853,27 @@ mod tests {
                 );
                 close(&ta, &tb, "total");
                 assert_eq!((a.k.len(), a.n, a.extra), (b.k.len(), b.n, b.extra));
+            }
+            // The on-policy split: the context scored alone, the suffix keys' part of each
+            // softmax given from outside, is the same scoring.
+            let parts = suffix_partials(&c.layers[0], &q, scale)?;
+            let split = LayerQueries {
+                outside: Some(&parts.stats),
+                ..lq
+            };
+            let got = score_layer(&c, 0, Some(&split), &opts, scale, true)?;
+            for (a, b) in got.iter().zip(&want) {
+                close(&a.scores, &b.scores, "split scores");
+                close(
+                    a.fit_e.as_ref().unwrap(),
+                    b.fit_e.as_ref().unwrap(),
+                    "split numerators",
+                );
+                let (wa, wb) = (a.whole.as_ref().unwrap(), b.whole.as_ref().unwrap());
+                close(&wa.0, &wb.0, "split max");
+                for (x, y) in wa.1.iter().zip(&wb.1) {
+                    assert!((x - y).abs() <= 1e-5 * y, "split total: {x} vs {y}");
+                }
             }
         }
         Ok(())

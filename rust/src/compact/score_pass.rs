@@ -86,6 +86,7 @@ impl ScoringPass {
                 let stats = acc.add(
                     MatMut::from_column_major_slice_mut(&mut e, n, rows),
                     Some(&visible),
+                    None,
                 );
                 for (col, &vis) in e.chunks_exact_mut(n).zip(&visible) {
                     col[vis..].fill(0.0);

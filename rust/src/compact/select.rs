@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 
-use crate::compact::exp::{softmax_fold, Fold};
+use crate::compact::exp::{softmax_fold, Fold, NOTHING_OUTSIDE};
 
 /// Query-free baselines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub enum Pool {
 /// query r to keys `0..visible[r]`.
 pub fn key_scores(logits_t: faer::MatRef<f32>, pool: Pool, visible: Option<&[usize]>) -> Vec<f32> {
     let mut acc = ScoreAcc::new(logits_t.nrows(), pool);
-    acc.add(logits_t.to_owned().as_mut(), visible);
+    acc.add(logits_t.to_owned().as_mut(), visible, None);
     acc.finish()
 }
 
@@ -127,12 +127,15 @@ impl ScoreAcc {
     }
 
     /// Adds the queries of `logits_t [n, m]`, which it overwrites: column r's first
-    /// `visible[r]` rows become `exp(logit - max_r)`. Returns each query's softmax statistics
-    /// `(max logit, total exp(logit - max))` over the keys it sees.
+    /// `visible[r]` rows become `exp(logit - max_r)`. `outside[r]`: query r's
+    /// `(max, sum of exp(logit - max))` over keys it sees outside these rows (they share its
+    /// softmax but are not scored). Returns each query's softmax statistics
+    /// `(max logit, total exp(logit - max))` over every key it sees.
     pub fn add(
         &mut self,
         mut logits_t: faer::MatMut<f32>,
         visible: Option<&[usize]>,
+        outside: Option<&[(f32, f64)]>,
     ) -> Vec<(f32, f64)> {
         let (n, m) = logits_t.shape();
         let fold = match self.pool {
@@ -153,7 +156,8 @@ impl ScoreAcc {
                 }
             };
             let raw = self.entropy.is_some().then(|| x.to_vec());
-            let (max, sum) = softmax_fold(x, &mut self.block, fold);
+            let outside = outside.map_or(NOTHING_OUTSIDE, |o| o[r]);
+            let (max, sum) = softmax_fold(x, &mut self.block, fold, outside);
             if let (Some(h), Some(raw)) = (self.entropy.as_mut(), raw) {
                 // H = ln S - sum_i p_i (l_i - max) with p_i = e_i / S and e_i = exp(l_i - max).
                 let dot: f64 = x
@@ -374,7 +378,7 @@ mod tests {
         let mut lt = faer::Mat::<f32>::zeros(n, m);
         lt[(3, 0)] = 80.0; // query 0 looks at key 3 only; query 1 is uniform
         let mut acc = ScoreAcc::new(n, Pool::Max).with_entropy();
-        acc.add(lt.as_mut(), None);
+        acc.add(lt.as_mut(), None, None);
         let want = (0.0 + (n as f64).ln()) / 2.0;
         assert!(
             (acc.mean_entropy() - want).abs() < 1e-5,

@@ -139,6 +139,10 @@ struct Layer {
 /// `[n_heads, t, d]`, the chunk's keys being the layer's last `t` rows.
 pub type AttentionFn<'a> = dyn FnMut(usize, &Tensor, &LayerCache) -> Result<Tensor> + 'a;
 
+/// The hook of [`Qwen3::forward_layerwise`]: layer, its queries, the cache; it may return the
+/// layer's attention output.
+pub type LayerHook<'a> = dyn FnMut(usize, &Tensor, &mut KvCache) -> Result<Option<Tensor>> + 'a;
+
 #[derive(Debug, Clone)]
 pub struct Qwen3 {
     pub cfg: ModelConfig,
@@ -351,13 +355,14 @@ impl Qwen3 {
     /// tokens' keys are the last `t` rows of every head of layer `l` (the hook must keep them
     /// last). On-policy compaction uses the hook to compact layer `l` while layers `0..l` are
     /// already compacted: one pass, not one per layer. Attention then runs in chunks of `chunk`
-    /// queries; the final norm and LM head are skipped (only queries matter).
+    /// queries, unless the hook returns the layer's attention output itself; the final norm
+    /// and LM head are skipped (only queries matter).
     pub fn forward_layerwise(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
         chunk: usize,
-        hook: &mut dyn FnMut(usize, &Tensor, &mut KvCache) -> Result<()>,
+        hook: &mut LayerHook<'_>,
     ) -> Result<()> {
         let t = ids.len();
         let (mut x, cos, sin) = self.embed_tokens(ids, cache.next_position())?;
@@ -365,7 +370,15 @@ impl Qwen3 {
         for (l, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.qkv(layer, &x, &cos, &sin)?;
             cache.append(l, &k, &v)?;
-            hook(l, &q, cache)?;
+            // The hook may compute the layer's attention itself (`[n_heads, t, d]`), leaving
+            // the chunk's keys appended.
+            if let Some(attn) = hook(l, &q, cache)? {
+                cache.settle(l)?;
+                if l < last {
+                    x = self.finish(layer, &x, &attn)?;
+                }
+                continue;
+            }
             // Re-append in chunks so each chunk's causal attention sees exactly its prefix.
             cache.truncate_layer_last(l, t)?;
             let mut outs = Vec::new();
