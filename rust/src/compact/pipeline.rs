@@ -837,23 +837,22 @@ mod tests {
                     );
                 }
             };
-            for (a, b) in got.iter().zip(&want) {
-                assert_eq!(a.fit_q, b.fit_q, "the same seeded fit rows");
-                close(&a.scores, &b.scores, "scores");
-                close(
-                    a.fit_e.as_ref().unwrap(),
-                    b.fit_e.as_ref().unwrap(),
-                    "numerators",
-                );
-                let (wa, wb) = (a.whole.as_ref().unwrap(), b.whole.as_ref().unwrap());
-                close(&wa.0, &wb.0, "max");
-                let (ta, tb): (Vec<f32>, Vec<f32>) = (
-                    wa.1.iter().map(|&x| x as f32).collect(),
-                    wb.1.iter().map(|&x| x as f32).collect(),
-                );
-                close(&ta, &tb, "total");
-                assert_eq!((a.k.len(), a.n, a.extra), (b.k.len(), b.n, b.extra));
-            }
+            // Scores, fit numerators and each fit query's softmax statistics agree.
+            let same_inputs = |got: &[Scored], what: &str| {
+                for (a, b) in got.iter().zip(&want) {
+                    assert_eq!(a.fit_q, b.fit_q, "{what}: the same seeded fit rows");
+                    close(&a.scores, &b.scores, &format!("{what} scores"));
+                    let (ea, eb) = (a.fit_e.as_ref().unwrap(), b.fit_e.as_ref().unwrap());
+                    close(ea, eb, &format!("{what} numerators"));
+                    let (wa, wb) = (a.whole.as_ref().unwrap(), b.whole.as_ref().unwrap());
+                    close(&wa.0, &wb.0, &format!("{what} max"));
+                    for (x, y) in wa.1.iter().zip(&wb.1) {
+                        assert!((x - y).abs() <= 1e-5 * y, "{what} total: {x} vs {y}");
+                    }
+                    assert_eq!((a.k.len(), a.n, a.extra), (b.k.len(), b.n, b.extra));
+                }
+            };
+            same_inputs(&got, "pass");
             // The on-policy split: the context scored alone, the suffix keys' part of each
             // softmax given from outside, is the same scoring.
             let parts = suffix_partials(&c.layers[0], &q, scale)?;
@@ -861,20 +860,10 @@ mod tests {
                 outside: Some(&parts.stats),
                 ..lq
             };
-            let got = score_layer(&c, 0, Some(&split), &opts, scale, true)?;
-            for (a, b) in got.iter().zip(&want) {
-                close(&a.scores, &b.scores, "split scores");
-                close(
-                    a.fit_e.as_ref().unwrap(),
-                    b.fit_e.as_ref().unwrap(),
-                    "split numerators",
-                );
-                let (wa, wb) = (a.whole.as_ref().unwrap(), b.whole.as_ref().unwrap());
-                close(&wa.0, &wb.0, "split max");
-                for (x, y) in wa.1.iter().zip(&wb.1) {
-                    assert!((x - y).abs() <= 1e-5 * y, "split total: {x} vs {y}");
-                }
-            }
+            same_inputs(
+                &score_layer(&c, 0, Some(&split), &opts, scale, true)?,
+                "split",
+            );
         }
         Ok(())
     }
