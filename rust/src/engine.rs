@@ -633,11 +633,8 @@ impl Engine {
                     .into_iter()
                     .enumerate()
                     .map(|(l, heads)| {
-                        let g = qs[l]
-                            .dims3()
-                            .map_or(1, |(nh, _, _)| nh / heads.len().max(1));
                         let reuse = layers.contains(&l) && (!on_policy || Some(l) == first);
-                        reuse.then(|| (heads, p.take_stats(l, g)))
+                        reuse.then(|| (heads, p.take_stats(l)))
                     })
                     .collect();
             }

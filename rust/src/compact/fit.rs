@@ -16,7 +16,8 @@ use rayon::prelude::*;
 
 use crate::compact::select::{top_k, Pool, ScoreAcc};
 use crate::compact::solve::{
-    box_lstsq, cholesky_solve, gram, mean_diag, nnls, ridge_lstsq, ridge_lstsq_split, Nnls,
+    box_lstsq, cholesky_solve, gram, held_out_last, mean_diag, nnls, ridge_lstsq,
+    ridge_lstsq_split, Nnls,
 };
 use crate::error::{Error, Result};
 
@@ -166,6 +167,22 @@ fn logits_into(mut out: MatMut<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usiz
     }
 }
 
+/// `[rows, d]` row-major: each row of `e [keys, rows]` (column-major) times `v [keys, d]`.
+pub fn weighted_values(v: &[f32], e: &[f32], keys: usize, rows: usize, d: usize) -> Vec<f32> {
+    let mut out = Mat::<f32>::zeros(d, rows);
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        MatRef::from_column_major_slice(&v[..keys * d], d, keys),
+        MatRef::from_column_major_slice(e, keys, rows),
+        1.0,
+        crate::compact::par(),
+    );
+    (0..rows)
+        .flat_map(|r| out.col_as_slice(r).to_vec())
+        .collect()
+}
+
 /// The reference attention of the queries over one block of keys: `e[:, r] = exp(logit - max_r)`
 /// (each query scaled by its own max for stability), its sums (the mass, in those units) and
 /// the target outputs `softmax V`.
@@ -293,11 +310,11 @@ impl Block {
     }
 
     /// The kept keys' mass under weights `w` per query, and `P^T [t, m]` (column-major),
-    /// their softmax; `a` is [`Block::kept`].
-    fn kept_softmax(a: &[f64], w: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    /// their softmax, made in place of `a` ([`Block::kept`]).
+    fn kept_softmax(a: Vec<f64>, w: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let t = w.len();
-        let mut pt = a.to_vec();
-        let mut fitted = vec![0f64; a.len() / t.max(1)];
+        let mut pt = a;
+        let mut fitted = vec![0f64; pt.len() / t.max(1)];
         if t > 0 {
             pt.par_chunks_mut(t)
                 .zip(fitted.par_iter_mut())
@@ -464,7 +481,7 @@ impl Block {
     /// Fidelity of keeping `keep` as they are (beta = 0, original values `v [n, d]`): what the
     /// baselines and `fit="none"` give.
     pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
-        let (fitted, pt) = Self::kept_softmax(&self.kept(keep), &vec![1.0; keep.len()]);
+        let (fitted, pt) = Self::kept_softmax(self.kept(keep), &vec![1.0; keep.len()]);
         self.evaluate(&fitted, &pt, kept_values(keep, v, d).as_ref())
     }
 
@@ -544,19 +561,14 @@ impl Block {
         let w: Vec<f64> = sol.w.iter().map(|&x| x.max(1e-12)).collect();
         let d = self.target.nrows();
         let own = kept_values(keep, v, d);
-        let (fitted, pt) = Self::kept_softmax(&a, &w);
-        drop(a);
+        let (fitted, pt) = Self::kept_softmax(a, &w);
         let cv = match what {
             Fit::Am | Fit::Values => {
                 // The held-out search holds out every other tenth of the (position-ordered)
                 // queries, so the chosen ridge must carry over to queries looking elsewhere;
                 // its rows go last, so both row sets are views.
-                let held = |r: usize| p.ridge.is_none() && (r * 10 / m) % 2 == 1;
-                let order: Vec<usize> = (0..m)
-                    .filter(|&r| !held(r))
-                    .chain((0..m).filter(|&r| held(r)))
-                    .collect();
-                let split = (0..m).filter(|&r| !held(r)).count();
+                let (order, split) =
+                    held_out_last(m, |r| p.ridge.is_none() && (r * 10 / m) % 2 == 1);
                 let (pw, yt) = self.value_rows(&pt, t, &order);
                 let pm = MatRef::from_column_major_slice(&pw, t, m).transpose();
                 let ym = MatRef::from_column_major_slice(&yt, d, m).transpose();

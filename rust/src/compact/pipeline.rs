@@ -309,7 +309,10 @@ pub fn score_layer(
                 // no query of the chunk sees are never computed (the fit's block is the
                 // context, which every suffix query sees).
                 let outside = lq.outside.map(|o| &o[h][chunk[0]..chunk[0] + chunk.len()]);
-                let seen = visible(chunk).filter(|_| outside.is_none());
+                let seen = match outside {
+                    Some(_) => None,
+                    None => visible(chunk),
+                };
                 let upto = match (&seen, lq.extra > 0, outside) {
                     // Only the context: every suffix query sees all of it.
                     (_, _, Some(_)) => n - lq.extra,
@@ -797,10 +800,9 @@ mod tests {
     /// biased heads; the pass's own keys in the cache; two chunks; subsampled fit rows).
     #[test]
     fn fit_inputs_from_the_pass_equal_a_fresh_scoring() -> Result<()> {
-        use crate::compact::score_pass::{tests::ragged_cache, ScoringPass};
+        use crate::compact::score_pass::tests::{ragged_cache, random_chunk};
+        use crate::compact::score_pass::ScoringPass;
         use crate::compact::split_attention::suffix_partials;
-        use candle_core::Device;
-        let dev = Device::Cpu;
         let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
         let cache = ragged_cache(&[20, 26], d)?;
         let mut opts = Options::new(Method::Am, 8);
@@ -811,10 +813,7 @@ mod tests {
             let mut pass = ScoringPass::new(1, n_kv, pool, false, scale);
             let mut qs = Vec::new();
             for t in [5usize, 4] {
-                let k = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-                let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-                c.append(0, &k, &v)?;
-                let q = Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?;
+                let q = random_chunk(&mut c, g, t, d)?;
                 pass.attend(0, &q, &c.layers[0])?;
                 qs.push(q);
             }
@@ -826,7 +825,7 @@ mod tests {
                 outside: None,
             };
             let heads = scored_from_pass(pass.finish_layer(0), 9, &opts);
-            let got = fit_inputs_from_pass(&c, 0, heads, pass.take_stats(0, g), &lq, &opts, scale)?;
+            let got = fit_inputs_from_pass(&c, 0, heads, pass.take_stats(0), &lq, &opts, scale)?;
             let want = score_layer(&c, 0, Some(&lq), &opts, scale, true)?;
             let close = |a: &[f32], b: &[f32], what: &str| {
                 assert_eq!(a.len(), b.len(), "{what}");

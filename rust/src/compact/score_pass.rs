@@ -6,12 +6,11 @@
 //! the 2.0 s of fits, and the attention itself is no slower than the GEMM path it replaces).
 
 use candle_core::Tensor;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef};
+use faer::MatMut;
 use rayon::prelude::*;
 
 use crate::cache::LayerCache;
-use crate::compact::fit::logits_t_into;
+use crate::compact::fit::{logits_t_into, weighted_values};
 use crate::compact::pipeline::f32s;
 use crate::compact::select::{Pool, ScoreAcc};
 use crate::error::Result;
@@ -22,6 +21,8 @@ pub struct ScoringPass {
     /// Per (layer, KV head), per chunk: each query row's softmax `(max, total)` over the keys
     /// it saw (rows `[g, t]` of the chunk), so an off-policy fit need not score them again.
     stats: Vec<Vec<Vec<QueryStats>>>,
+    /// Query heads per KV head (the row blocks of each chunk's statistics).
+    group: usize,
     scale: f32,
 }
 
@@ -43,6 +44,7 @@ impl ScoringPass {
                 .map(|_| (0..n_kv).map(|_| acc()).collect())
                 .collect(),
             stats: vec![vec![Vec::new(); n_kv]; n_layers],
+            group: 1,
             scale,
         }
     }
@@ -55,6 +57,7 @@ impl ScoringPass {
         let (nh, t, d) = q.dims3()?;
         let n_kv = layer.heads.len();
         let g = nh / n_kv;
+        self.group = g;
         let qf = f32s(q)?;
         let scale = self.scale;
         let outs = layer
@@ -91,20 +94,11 @@ impl ScoringPass {
                 for (col, &vis) in e.chunks_exact_mut(n).zip(&visible) {
                     col[vis..].fill(0.0);
                 }
-                let mut out = Mat::<f32>::zeros(d, rows);
-                matmul(
-                    out.as_mut(),
-                    Accum::Replace,
-                    MatRef::from_column_major_slice(&v, d, n),
-                    MatRef::from_column_major_slice(&e, n, rows),
-                    1.0,
-                    crate::compact::par(),
-                );
-                // Column r of `out` is query row r's output: rows of `[g * t, d]` in order.
-                let mut flat = Vec::with_capacity(rows * d);
-                for (r, &(_, sum)) in stats.iter().enumerate() {
+                // Rows of `[g * t, d]` in order, each normalised by its softmax sum.
+                let mut flat = weighted_values(&v, &e, n, rows, d);
+                for (row, &(_, sum)) in flat.chunks_exact_mut(d).zip(&stats) {
                     let inv = (1.0 / sum) as f32;
-                    flat.extend(out.col_as_slice(r).iter().map(|x| x * inv));
+                    row.iter_mut().for_each(|x| *x *= inv);
                 }
                 kept.push(stats);
                 Ok(flat)
@@ -118,7 +112,8 @@ impl ScoringPass {
     /// by query head, each over every token of the pass).
     ///
     /// [`score_layer`]: crate::compact::pipeline::score_layer
-    pub fn take_stats(&mut self, l: usize, g: usize) -> Vec<Vec<(f32, f64)>> {
+    pub fn take_stats(&mut self, l: usize) -> Vec<Vec<(f32, f64)>> {
+        let g = self.group;
         std::mem::take(&mut self.stats[l])
             .into_iter()
             .map(|chunks| {
@@ -170,12 +165,21 @@ pub(crate) mod tests {
         Ok(cache)
     }
 
+    /// Appends `t` random keys and values to every head of layer 0 of `c` and returns random
+    /// queries `[n_kv * g, t, d]` for them (a chunk of a reference pass).
+    pub(crate) fn random_chunk(c: &mut KvCache, g: usize, t: usize, d: usize) -> Result<Tensor> {
+        let (dev, n_kv) = (Device::Cpu, c.n_kv_heads());
+        let k = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
+        c.append(0, &k, &v)?;
+        Ok(Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?)
+    }
+
     /// Two chunks of queries over a ragged, biased layer (as after a compaction): the pass's
     /// attention equals the plain reference, and its scores equal the scores of every query
     /// taken at once over the final keys with the causal visibility of each.
     #[test]
     fn attention_and_scores_match_the_one_shot_reference() -> Result<()> {
-        let dev = Device::Cpu;
         let (n_kv, g, d, scale) = (2, 3, 8, 0.35f32);
         let cache = ragged_cache(&[9, 14], d)?;
         for pool in [Pool::Rms, Pool::Max] {
@@ -183,10 +187,7 @@ pub(crate) mod tests {
             let mut pass = ScoringPass::new(1, n_kv, pool, true, scale);
             let mut qs = Vec::new();
             for t in [5usize, 3] {
-                let k = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-                let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-                c.append(0, &k, &v)?;
-                let q = Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?;
+                let q = random_chunk(&mut c, g, t, d)?;
                 let got = pass.attend(0, &q, &c.layers[0])?;
                 let want = attend_reference(&q, &c.layers[0], scale as f64)?;
                 let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;

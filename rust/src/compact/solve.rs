@@ -371,14 +371,18 @@ pub fn ridge_lstsq_cv(
     if y.nrows() != m || held.len() != m || anchor.shape() != (t, d) {
         return Err(Error::invalid("ridge_lstsq_cv: mismatched shapes"));
     }
-    // The fit rows first, then the held-out ones.
-    let order: Vec<usize> = (0..m)
-        .filter(|&r| !held[r])
-        .chain((0..m).filter(|&r| held[r]))
-        .collect();
+    let (order, split) = held_out_last(m, |r| held[r]);
     let pick = |a: MatRef<f64>| Mat::<f64>::from_fn(m, a.ncols(), |i, c| a[(order[i], c)]);
-    let split = held.iter().filter(|&&h| !h).count();
     ridge_lstsq_split(pick(p).as_ref(), pick(y).as_ref(), anchor, split)
+}
+
+/// Rows `0..m` reordered with the held-out ones last, and how many come before them (the
+/// layout [`ridge_lstsq_split`] takes).
+pub fn held_out_last(m: usize, held: impl Fn(usize) -> bool) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..m).filter(|&r| !held(r)).collect();
+    let split = order.len();
+    order.extend((0..m).filter(|&r| held(r)));
+    (order, split)
 }
 
 /// [`ridge_lstsq_cv`] with the rows already ordered: rows `..split` fit, rows `split..` are

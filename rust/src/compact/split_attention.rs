@@ -10,13 +10,11 @@
 //! over the compacted context ([`merge_context`]) to give the forward pass's output.
 
 use candle_core::Tensor;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef};
 use rayon::prelude::*;
 
-use crate::cache::LayerCache;
+use crate::cache::{HeadCache, LayerCache};
 use crate::compact::exp::{exp_from_max, exp_shifted, max};
-use crate::compact::fit::logits_t_into;
+use crate::compact::fit::{logits_t_into, weighted_values};
 use crate::compact::pipeline::f32s;
 use crate::error::Result;
 
@@ -46,13 +44,7 @@ pub fn suffix_partials(layer: &LayerCache, q: &Tensor, scale: f32) -> Result<Suf
         .par_iter()
         .enumerate()
         .map(|(h, head)| -> Result<HeadPartials> {
-            let n = head.len();
-            let tail = |x: Tensor| -> Result<Vec<f32>> { f32s(&x.narrow(0, n - t, t)?) };
-            let (k, v, b) = (
-                tail(head.keys()?)?,
-                tail(head.values()?)?,
-                tail(head.bias()?)?,
-            );
+            let (k, v, b) = head_rows(head, head.len() - t, t)?;
             let q = &qf[h * rows * d..(h + 1) * rows * d];
             let mut stats = Vec::with_capacity(rows);
             let mut out = Vec::with_capacity(rows * d);
@@ -84,20 +76,14 @@ pub fn suffix_partials(layer: &LayerCache, q: &Tensor, scale: f32) -> Result<Suf
     Ok(SuffixPartials { stats, outs })
 }
 
-/// `[rows, d]` row-major: each row of `e [keys, rows]` (column-major) times `v [keys, d]`.
-fn weighted_values(v: &[f32], e: &[f32], keys: usize, rows: usize, d: usize) -> Vec<f32> {
-    let mut out = Mat::<f32>::zeros(d, rows);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        MatRef::from_column_major_slice(&v[..keys * d], d, keys),
-        MatRef::from_column_major_slice(e, keys, rows),
-        1.0,
-        crate::compact::par(),
-    );
-    (0..rows)
-        .flat_map(|r| out.col_as_slice(r).to_vec())
-        .collect()
+/// Keys, values and biases of rows `start..start + len` of a head, in f32.
+fn head_rows(head: &HeadCache, start: usize, len: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let rows = |x: Tensor| -> Result<Vec<f32>> { f32s(&x.narrow(0, start, len)?) };
+    Ok((
+        rows(head.keys()?)?,
+        rows(head.values()?)?,
+        rows(head.bias()?)?,
+    ))
 }
 
 /// The suffix queries' attention over the (compacted) context, the rows of every head of
@@ -119,12 +105,7 @@ pub fn merge_context(
         .enumerate()
         .map(|(h, head)| -> Result<Vec<f32>> {
             let ctx = head.len() - t;
-            let front = |x: Tensor| -> Result<Vec<f32>> { f32s(&x.narrow(0, 0, ctx)?) };
-            let (k, v, b) = (
-                front(head.keys()?)?,
-                front(head.values()?)?,
-                front(head.bias()?)?,
-            );
+            let (k, v, b) = head_rows(head, 0, ctx)?;
             let q = &qf[h * rows * d..(h + 1) * rows * d];
             let (stats, partial) = (&partials.stats[h], &partials.outs[h]);
             let mut out = Vec::with_capacity(rows * d);
@@ -170,20 +151,15 @@ pub fn merge_context(
 mod tests {
     use super::*;
     use crate::attention::attend_reference;
-    use crate::compact::score_pass::tests::ragged_cache;
-    use candle_core::Device;
+    use crate::compact::score_pass::tests::{ragged_cache, random_chunk};
 
     /// Suffix partials merged with the context give the plain causal attention of the suffix
     /// over the whole layer (ragged, biased context; a suffix longer than one product's rows).
     #[test]
     fn split_attention_equals_the_whole() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n_kv, g, d, t, scale) = (2, 3, 8, 200, 0.35f32);
+        let (g, d, t, scale) = (3, 8, 200, 0.35f32);
         let mut c = ragged_cache(&[20, 26], d)?;
-        let k = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (n_kv, t, d), &dev)?;
-        c.append(0, &k, &v)?;
-        let q = Tensor::randn(0f32, 1.0, (n_kv * g, t, d), &dev)?;
+        let q = random_chunk(&mut c, g, t, d)?;
         let p = suffix_partials(&c.layers[0], &q, scale)?;
         assert_eq!(p.stats[0].len(), g * t);
         let got = merge_context(&c.layers[0], &q, &p, scale)?;
