@@ -3,10 +3,11 @@
     python benches/compaction_speed.py [--models small,0.6b] [--lengths 1024,2048,4096]
 
 For each model and context length: the reference-query pass (the repeat prompt through the
-model, layer by layer) and the fits (scores, selection, NNLS, least squares, cache rewrite) in
-seconds, per (layer, KV head) and for the whole cache, with the fit's GFLOP/s beside a plain
-f32 matmul (numpy/OpenBLAS, same threads, same run). The 0.6B row uses random weights of the
-real Qwen3-0.6B shape (speed does not depend on weight values). Prints a Markdown table.
+model, once, or layer by layer on-policy) and the fits (scores, selection, NNLS, least
+squares, cache rewrite) in seconds, per (layer, KV head) and for the whole cache, with the
+fit's GFLOP/s beside a plain f32 matmul (numpy/OpenBLAS, same threads, same run). The 0.6B
+row uses random weights of the real Qwen3-0.6B shape (speed does not depend on weight
+values). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -28,14 +30,15 @@ p.add_argument("--max-queries", type=int, default=4096)
 p.add_argument(
     "--queries",
     default="repeat",
-    help="reference queries: repeat (the paper's) or self-study (kvfast's default; needs a "
-    "tokenizer, so qwen3-small only)",
+    help="reference queries: repeat (the default) or self-study (needs a tokenizer, so "
+    "qwen3-small only)",
 )
 p.add_argument(
     "--settings",
     default="default",
-    help="comma list: default (on-policy, held-out ridge) and/or recommended (off-policy "
-    "max-score selection, ridge 10: the setting that ties KVzip, see docs/compaction.md)",
+    help="comma list: default (off-policy max-score selection, ridge 10: see "
+    "docs/compaction.md) and/or on-policy (root-mean-square scores, on-policy fits, "
+    "held-out ridge: the paper's order and the default before 2026-11-26)",
 )
 p.add_argument("--repeats", type=int, default=1, help="compactions per row (median reported)")
 p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
@@ -74,9 +77,9 @@ def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes:
     return scoring + 2 * n * d * m + 2 * m * t * (2 * t + d)
 
 
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "recommended": {"score": "max", "on_policy": False, "ridge": 10.0},
+    "on-policy": {"score": "rms", "on_policy": True, "ridge": None},
 }
 
 
@@ -116,7 +119,7 @@ def main() -> None:
                 )
             r = sorted(runs, key=lambda x: x.seconds_fit)[len(runs) // 2]
             heads = layers * kv
-            passes = 1 if SETTINGS[setting].get("on_policy", True) else 0
+            passes = 1 if SETTINGS[setting].get("on_policy", False) else 0
             flops = heads * fit_flops(
                 n, d, g, r.query_tokens, r.tokens_after - 68, ARGS.max_queries, passes
             )

@@ -30,16 +30,24 @@ QUESTION = (
     "The special magic number for {k} mentioned in the provided text is"
 )
 
+# The AM settings every variant but "am" was measured with: the defaults before 2026-11-26
+# (the paper's root-mean-square scores and on-policy order, a held-out ridge; self-study
+# queries where a variant names none).
+BEFORE: dict[str, Any] = {"score": "rms", "on_policy": True, "ridge": None}
+STUDY: dict[str, Any] = {"queries": "self-study", **BEFORE}
+
 # name -> Session.compact keyword arguments (None: the full cache)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
-    "am": {"method": "am"},  # the default: self-study queries
-    "am queries=repeat": {"method": "am", "queries": "repeat"},
-    "am queries=repeat+self-study": {"method": "am", "queries": "repeat+self-study"},
-    "am-omp": {"method": "am-omp"},
-    "am-omp fit=am": {"method": "am-omp", "fit": "am"},
-    "am score=max": {"method": "am", "score": "max"},
-    "am fit=am": {"method": "am", "fit": "am"},
+    # The default: repeat queries, max scores, off-policy, values fitted with ridge 10.
+    "am": {"method": "am"},
+    "am queries=self-study": {"method": "am", **STUDY},
+    "am queries=repeat": {"method": "am", **BEFORE, "queries": "repeat"},
+    "am queries=repeat+self-study": {"method": "am", **BEFORE, "queries": "repeat+self-study"},
+    "am-omp": {"method": "am-omp", **STUDY},
+    "am-omp fit=am": {"method": "am-omp", **STUDY, "fit": "am"},
+    "am score=max": {"method": "am", **STUDY, "score": "max"},
+    "am fit=am": {"method": "am", **STUDY, "fit": "am"},
     "kvzip": {"method": "kvzip"},
     "snapkv": {"method": "snapkv"},
     "h2o": {"method": "h2o"},
@@ -61,8 +69,8 @@ REPEAT_ABLATIONS: dict[str, dict[str, Any]] = {
     "ridge=1e-6 (no held-out choice)": {"ridge": 1e-6},
 }
 for _name, _kw in REPEAT_ABLATIONS.items():
-    VARIANTS[f"am repeat {_name}"] = {"method": "am", "queries": "repeat", **_kw}
-VARIANTS["am-omp repeat fit=am"] = {"method": "am-omp", "queries": "repeat", "fit": "am"}
+    VARIANTS[f"am repeat {_name}"] = {"method": "am", **BEFORE, "queries": "repeat", **_kw}
+VARIANTS["am-omp repeat fit=am"] = {"method": "am-omp", **BEFORE, "queries": "repeat", "fit": "am"}
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -163,6 +171,7 @@ def main() -> None:
     if a.profile is not None:
         VARIANTS["am repeat head_budgets=calibrated"] = {
             "method": "am",
+            **BEFORE,
             "queries": "repeat",
             "head_budgets": str(a.profile),
         }

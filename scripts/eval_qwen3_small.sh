@@ -11,13 +11,15 @@ OUT=${1:-docs/results/eval-qwen3-small}
 RUNS="$OUT/runs"
 M=(--model "$SHARED/models/qwen3-small")
 MAIN=full,am,kvzip,snapkv,h2o,streaming,tova,random
-# Attention Matching's other query source and head-budget policies (needle, PPL and fidelity
-# at every ratio); the calibrated profile is measured on Moby-Dick, not on the evaluation texts.
+# Attention Matching's other query sources, head-budget policies and the paper's setting
+# (on-policy, root-mean-square scores, NNLS biases + values, held-out ridge) beside the default
+# (needle, PPL and fidelity at every ratio); the calibrated profile is measured on Moby-Dick,
+# not on the evaluation texts.
 PROFILE="$RUNS/budgets-calibrated.json"
 mkdir -p "$RUNS"
 [ -f "$PROFILE" ] || kvfast calibrate-budgets "${M[@]}" --context python/kvfast/data/moby_dick_ch1.txt \
   --length 2048 --ratio 8 --out "$PROFILE"
-AM_VARIANTS=am:queries=repeat,am:head_budgets=uniform,am:head_budgets=entropy,am:queries=repeat:head_budgets=uniform,am:head_budgets=$PROFILE
+AM_VARIANTS=am:queries=repeat+self-study,am:score=rms:on_policy=true:fit=am:ridge=none,am:head_budgets=uniform,am:head_budgets=entropy,am:head_budgets=$PROFILE
 RATIOS=2,4,8,16,32,64
 E="python -m kvfast.eval"
 
@@ -35,9 +37,14 @@ $E fidelity "${M[@]}" --methods $MAIN --ratios $RATIOS --text "$SHARED/data/wiki
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity"
 $E fidelity "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity-am-variants"
+# Held-out queries from questions: needle cases, their question asked after compaction.
+B=:score=rms:on_policy=true:ridge=none
+$E fidelity "${M[@]}" --methods $MAIN,am:queries=repeat+self-study$B,am:score=rms:on_policy=true:fit=am:ridge=none \
+  --ratios 4,8,16,32 --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" --context 2048 --windows 6 \
+  --out "$RUNS/fidelity-questions"
 $E qa "${M[@]}" --methods full,am,kvzip,snapkv,streaming --ratios $RATIOS --mode both \
   --data "$SHARED/data/ruler/squad.json" --length 1024 --cases 8 --out "$RUNS/qa"
-$E speed "${M[@]}" --methods full,am,am:queries=repeat,kvzip,streaming --ratios 8 \
+$E speed "${M[@]}" --methods full,am,am:queries=repeat+self-study,kvzip,streaming --ratios 8 \
   --text "$SHARED/data/wikitext-2/wiki.test.raw" --lengths 512,1024,2048 --decode 32 --out "$RUNS/speed"
 $E report "$RUNS"/needle "$RUNS"/needle-am-variants "$RUNS"/needle-multi "$RUNS"/ppl "$RUNS"/ppl-am-variants \
-  "$RUNS"/fidelity "$RUNS"/fidelity-am-variants "$RUNS"/qa "$RUNS"/speed --out "$OUT" --title "kvfast evaluation: qwen3-small on CPU"
+  "$RUNS"/fidelity "$RUNS"/fidelity-am-variants "$RUNS"/fidelity-questions "$RUNS"/qa "$RUNS"/speed --out "$OUT" --title "kvfast evaluation: qwen3-small on CPU"

@@ -4,6 +4,7 @@ the report, and bad input."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -203,6 +204,30 @@ def test_fidelity_is_zero_for_the_full_cache_and_not_for_compaction(out: Path) -
     for key in ("am:queries=repeat@4x", "streaming@4x"):
         assert 0 < r[key]["out_rel_err"] < 10 and r[key]["kl"] > 0
         assert list(np.shape(r[key]["out_rel_err_per_head"])) == shape
+
+
+def test_fidelity_on_questions_uses_needle_cases(out: Path) -> None:
+    # --haystack: each window is a needle case, its question the held-out tokens.
+    from kvfast.eval import fidelity
+
+    s = Session.from_pretrained()
+    args = argparse.Namespace(haystack=DEFAULT_TEXT, context=384, windows=3, limit=None, seed=0)
+    wins = fidelity._windows(args, s)
+    assert len(wins) == 3
+    for ctx, question in wins:
+        assert "special magic number" in s.decode(ctx)
+        assert s.decode(question).strip().startswith("What is the special magic number")
+        assert len(ctx) + len(question) <= 384
+    data = run(
+        out / "fidelity-q",
+        *(
+            "fidelity --methods full,streaming --ratios 4 --context 384 --windows 2 "
+            f"--haystack {DEFAULT_TEXT}"
+        ).split(),
+    )
+    r = rows(data)
+    assert r["full"]["out_rel_err"] < 1e-9 and r["streaming@4x"]["out_rel_err"] > 0
+    assert "question of a needle case" in (out / "fidelity-q" / "results.md").read_text()
 
 
 def test_qa_scoring_follows_squad() -> None:

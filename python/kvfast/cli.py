@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--queries",
-        default=None,
+        default="repeat",
         choices=QUERY_SOURCES,
-        help="am's reference queries (default: repeat+self-study)",
+        help="am's reference queries (default: repeat)",
     )
 
     d = sub.add_parser(

@@ -323,7 +323,7 @@ class Session:
         ratio: float | None = None,
         budget: int | None = None,
         method: str = "am",
-        queries: str | None = None,
+        queries: str = "repeat",
         task: str | None = None,
         sink: int = 4,
         recent: int = 64,
@@ -331,10 +331,10 @@ class Session:
         fit: str = "values",
         layers: Sequence[int] | None = None,
         seed: int = 0,
-        score: str = "rms",
+        score: str = "max",
         max_queries: int = 4096,
-        ridge: float | None = None,
-        on_policy: bool = True,
+        ridge: float | None = 10.0,
+        on_policy: bool = False,
         beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
         beta_prior: float = 0.0,
         task_threshold: float | None = 3.0,
@@ -342,14 +342,18 @@ class Session:
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
+        The defaults are the setting measured best on our testbeds (docs/compaction.md): the
+        paper's repeat queries, keys scored by the largest attention any reference query gives
+        them (`score="max"`; "rms" is the paper's), selected off-policy (`on_policy=False`: one
+        pass of the reference queries over the original cache), values refitted with a pull
+        to the kept ones (`fit="values"`, `ridge=10`), no biases. The paper's setting is
+        `score="rms", on_policy=True, fit="am", ridge=None`.
         `method`: "am" (Attention Matching: keys with the highest attention from reference
-        queries, biases fitted by NNLS on the attention mass, values by least squares on the
-        attention output), "am-omp" (the same fit on keys chosen by orthogonal matching pursuit
-        on the attention mass) or a baseline that keeps original keys and values with bias 0:
-        "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
-        `queries` (am; None: "repeat+self-study" when the session has a tokenizer, else
-        "repeat"):
-        "repeat" (prefill a scratch prompt asking to repeat the context, then
+        queries, values by least squares on the attention output and, with `fit="am"`, biases
+        by NNLS on the attention mass), "am-omp" (the same fit on keys chosen by orthogonal
+        matching pursuit on the attention mass) or a baseline that keeps original keys and
+        values with bias 0: "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random".
+        `queries` (am): "repeat" (prefill a scratch prompt asking to repeat the context, then
         the context; its queries are the references, computed layer by layer on the already
         compacted layers when `on_policy`), "context" (the context's own queries, re-run),
         "self-study" (the model answers a few prompts about the context on a scratch
@@ -367,7 +371,7 @@ class Session:
         first and `recent` last tokens stay exact. With `fit="am"`, `beta_bounds` keeps the
         fitted log-weights in a range (None: exact NNLS) and `beta_prior` pulls them to 0.
         `ridge` pulls the fitted values towards the kept keys' own values (relative to the
-        problem's scale); None (the default) picks it per head on held-out reference queries.
+        problem's scale; 10 by default); None picks it per head on held-out reference queries.
         Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
         mass and output), which bounds the fit's memory on long contexts.
         Tokens added later get bias 0 and positions continuing the original context. Bad
@@ -375,10 +379,6 @@ class Session:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if queries is None:
-            # The one source that kept needles on both qwen3-small and the pretrained SmolLM2,
-            # where self-study alone kept none (docs/compaction.md); self-study needs text.
-            queries = "repeat+self-study" if self._tokenizer is not None else "repeat"
         if queries not in QUERY_SOURCES:
             raise ValueError(
                 f"unknown query source {queries!r}; expected one of {', '.join(QUERY_SOURCES)}"

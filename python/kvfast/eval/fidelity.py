@@ -8,7 +8,9 @@ For every layer and KV head, with all query heads of the group:
   both over the block of context keys (and their compacted stand-ins) only;
 - cosine similarity of the outputs, reported beside (a known-unreliable proxy);
 and the KL divergence of the next-token distributions over the held-out tokens, full vs
-compacted.
+compacted. With `--haystack`, each window is instead a needle case of `--context` tokens (as
+`kvfast eval needle` builds them, depths spread over the windows) and the held-out tokens are
+its question, asked after compaction: the queries a compacted cache is kept for.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kvfast import Session
-from kvfast.eval import common
+from kvfast.eval import common, needle
 
 DEFAULT_METHODS = "full,am,kvzip,snapkv,h2o,streaming,tova,random"
 
@@ -31,6 +33,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--heldout", type=int, default=64, help="held-out query tokens per window")
     p.add_argument("--windows", type=int, default=2)
+    p.add_argument(
+        "--haystack",
+        type=Path,
+        default=None,
+        help="held-out queries from questions instead: each window a needle case from this "
+        "haystack (text or PaulGrahamEssays.json), its question the held-out tokens",
+    )
 
 
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]  # keys, values, biases (f64)
@@ -82,16 +91,36 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
-def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
+def _windows(args: argparse.Namespace, s: Session) -> list[tuple[list[int], list[int]]]:
+    """(context, held-out tokens) per window: running text, or needle cases and questions."""
+    if args.haystack is not None:
+        n = min(args.windows, args.limit or args.windows)
+        cases = needle.make_cases(
+            s,
+            argparse.Namespace(
+                haystack=args.haystack,
+                lengths=str(args.context),
+                depths=",".join(f"{(i + 0.5) / n:.4f}" for i in range(n)),
+                tasks="single",
+                cases=1,
+                seed=args.seed,
+                limit=None,
+            ),
+        )
+        return [(c["context"], c["question"]) for c in cases]
     ids = s.encode(common.load_text(args.text))
     span = args.context + args.heldout
     n = min(len(ids) // span, args.windows, args.limit or args.windows)
     if n < 1:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {span}")
-    wins = [
+    return [
         (ids[i * span : i * span + args.context], ids[i * span + args.context : (i + 1) * span])
         for i in range(n)
     ]
+
+
+def run(args: argparse.Namespace, s: Session, results: common.Results) -> None:
+    wins = _windows(args, s)
     # The full cache's blocks, held-out queries and logits, once per window.
     refs = []
     s.kv_dtype = None
@@ -179,10 +208,15 @@ def report(args: argparse.Namespace, results: common.Results) -> Path:
         "KV MiB held",
     ]
     body = common.markdown_table(header, rows)
+    held = (
+        f"the question of a needle case hidden in each {args.context}-token haystack window "
+        f"({Path(args.haystack).name}), asked after compaction"
+        if getattr(args, "haystack", None)
+        else f"the {args.heldout} tokens after each {args.context}-token context"
+    )
     body += (
-        f"\n\nHeld-out queries: the {args.heldout} tokens after each {args.context}-token "
-        "context, computed on the full cache; errors are means over windows, layers and KV "
-        "heads (per-head arrays in results.json)."
+        f"\n\nHeld-out queries: {held}, computed on the full cache; errors are means over "
+        "windows, layers and KV heads (per-head arrays in results.json)."
     )
     plots = [
         common.plot_lines(

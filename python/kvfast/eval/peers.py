@@ -133,12 +133,30 @@ class Kvpress:
             # The press shortened the cache: positions must continue from the context's length
             # (as kvpress's own pipeline does), not from the number of keys kept.
             pos = t.arange(len(context), len(context) + cont.shape[1] - 1, device=self.device)
-            rest = self.model(
-                cont[:, :-1], past_key_values=cache, use_cache=True, position_ids=pos[None]
-            ).logits[0]
+            # Presses with per-head budgets (KVzip, AdaKV) mask dropped keys with a "fake key"
+            # that must score below every query at once; kvpress searches for one per step and
+            # fails for a block of 255 tokens' queries. One token per step is how its own
+            # pipeline decodes, and there the search always succeeds.
+            step = 1 if self._masks_keys() else cont.shape[1]
+            rest = t.cat(
+                [
+                    self.model(
+                        cont[:, i : min(i + step, cont.shape[1] - 1)],
+                        past_key_values=cache,
+                        use_cache=True,
+                        position_ids=pos[None, i : i + step],
+                    ).logits[0]
+                    for i in range(0, cont.shape[1] - 1, step)
+                ]
+            )
             logp = t.log_softmax(t.cat([first, rest]).float(), dim=-1)
             nll = -logp.gather(1, cont[0].unsqueeze(1)).squeeze(1)
         return [float(x) for x in nll]
+
+    def _masks_keys(self) -> bool:
+        """Whether the last prefill's press left per-head masks (kvpress's `masked_key_indices`;
+        its attention patch clears them at every prefill)."""
+        return any(getattr(m, "masked_key_indices", None) is not None for m in self.model.modules())
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
