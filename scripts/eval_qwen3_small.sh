@@ -46,5 +46,10 @@ $E qa "${M[@]}" --methods full,am,kvzip,snapkv,streaming --ratios $RATIOS --mode
   --data "$SHARED/data/ruler/squad.json" --length 1024 --cases 8 --out "$RUNS/qa"
 $E speed "${M[@]}" --methods full,am,am:queries=repeat+self-study,kvzip,streaming --ratios 8 \
   --text "$SHARED/data/wikitext-2/wiki.test.raw" --lengths 512,1024,2048 --decode 32 --out "$RUNS/speed"
-$E report "$RUNS"/needle "$RUNS"/needle-am-variants "$RUNS"/needle-multi "$RUNS"/ppl "$RUNS"/ppl-am-variants \
-  "$RUNS"/fidelity "$RUNS"/fidelity-am-variants "$RUNS"/fidelity-questions "$RUNS"/qa "$RUNS"/speed --out "$OUT" --title "kvfast evaluation: qwen3-small on CPU"
+# The torch-side folders (scripts/eval_qwen3_small_peers.sh) join the page when present.
+PAGES=()
+for d in needle needle-am-variants needle-multi needle-kvpress ppl ppl-am-variants ppl-kvpress \
+  fidelity fidelity-am-variants fidelity-questions qa qa-kvpress speed speed-transformers; do
+  if [ -f "$RUNS/$d/results.json" ]; then PAGES+=("$RUNS/$d"); fi
+done
+$E report "${PAGES[@]}" --out "$OUT" --title "kvfast evaluation: qwen3-small on CPU"

@@ -11,7 +11,8 @@ M=(--model "$SHARED/models/qwen3-small")
 E="$PY -m kvfast.eval"
 $E needle "${M[@]}" --methods full --ratios 2,4,8,16,32,64 --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" \
   --lengths 2048 --depths 0.25,0.75 --cases 3 --peer kvpress --out "$RUNS/needle-kvpress"
-$E ppl "${M[@]}" --methods full --ratios 2,4,8,16,32,64 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
+# kvzip:recent=0:sink=0: ours without the exact sink and recent windows, as kvpress's KVzip.
+$E ppl "${M[@]}" --methods full,kvzip:recent=0:sink=0 --ratios 2,4,8,16,32,64 --text "$SHARED/data/wikitext-2/wiki.test.raw" \
   --context 2048 --continuation 256 --windows 2 --peer kvpress --out "$RUNS/ppl-kvpress"
 $E qa "${M[@]}" --methods full --ratios 4,16 --data "$SHARED/data/ruler/squad.json" --length 1024 \
   --cases 8 --peer kvpress --out "$RUNS/qa-kvpress"
