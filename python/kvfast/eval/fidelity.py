@@ -95,17 +95,9 @@ def _windows(args: argparse.Namespace, s: Session) -> list[tuple[list[int], list
     """(context, held-out tokens) per window: running text, or needle cases and questions."""
     if args.haystack is not None:
         n = min(args.windows, args.limit or args.windows)
-        cases = needle.make_cases(
-            s,
-            argparse.Namespace(
-                haystack=args.haystack,
-                lengths=str(args.context),
-                depths=",".join(f"{(i + 0.5) / n:.4f}" for i in range(n)),
-                tasks="single",
-                cases=1,
-                seed=args.seed,
-                limit=None,
-            ),
+        depths = [float(f"{(i + 0.5) / n:.4f}") for i in range(n)]
+        cases = needle.build_cases(
+            s, args.haystack, [args.context], depths, ["single"], 1, args.seed
         )
         return [(c["context"], c["question"]) for c in cases]
     ids = s.encode(common.load_text(args.text))

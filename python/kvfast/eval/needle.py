@@ -50,10 +50,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_cases(s: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
-    hay = s.encode(common.load_text(args.haystack))
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    depths = [float(x) for x in args.depths.split(",") if x.strip()]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    """The cases of `--haystack`, `--lengths`, `--depths`, `--tasks`, `--cases`, `--seed`."""
+    cases = build_cases(
+        s,
+        args.haystack,
+        [int(x) for x in args.lengths.split(",") if x.strip()],
+        [float(x) for x in args.depths.split(",") if x.strip()],
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        args.cases,
+        args.seed,
+    )
+    return cases[: args.limit] if args.limit else cases
+
+
+def build_cases(
+    s: Session,
+    haystack: Path,
+    lengths: list[int],
+    depths: list[float],
+    tasks: list[str],
+    n: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """`n` cases per task x length x depth: a needle in `haystack`'s text, and its question."""
+    hay = s.encode(common.load_text(haystack))
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ValueError(f"--tasks: unknown {bad}; expected some of {', '.join(TASKS)}")
@@ -61,14 +81,14 @@ def make_cases(s: Session, args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError("--depths must be fractions in [0, 1]")
     if not lengths or max(lengths) > len(hay):
         raise ValueError(f"--lengths must be >= 1 and at most the haystack's {len(hay)} tokens")
-    rng = random.Random(args.seed)
-    cases = []
-    for task in tasks:
-        for length in lengths:
-            for depth in depths:
-                for i in range(args.cases):
-                    cases.append(_case(s, rng, hay, task, length, depth, i))
-    return cases[: args.limit] if args.limit else cases
+    rng = random.Random(seed)
+    return [
+        _case(s, rng, hay, task, length, depth, i)
+        for task in tasks
+        for length in lengths
+        for depth in depths
+        for i in range(n)
+    ]
 
 
 def _case(

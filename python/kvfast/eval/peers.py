@@ -137,16 +137,17 @@ class Kvpress:
             # that must score below every query at once; kvpress searches for one per step and
             # fails for a block of 255 tokens' queries. One token per step is how its own
             # pipeline decodes, and there the search always succeeds.
-            step = 1 if self._masks_keys() else cont.shape[1]
+            x = cont[:, :-1]
+            step = 1 if self._masks_keys() else max(x.shape[1], 1)
             rest = t.cat(
                 [
                     self.model(
-                        cont[:, i : min(i + step, cont.shape[1] - 1)],
+                        x[:, i : i + step],
                         past_key_values=cache,
                         use_cache=True,
                         position_ids=pos[None, i : i + step],
                     ).logits[0]
-                    for i in range(0, cont.shape[1] - 1, step)
+                    for i in range(0, x.shape[1], step)
                 ]
             )
             logp = t.log_softmax(t.cat([first, rest]).float(), dim=-1)

@@ -412,8 +412,8 @@ pub fn fit_inputs_from_pass(
 ) -> Result<Vec<Scored>> {
     let d = cache.head_dim();
     let q_all = f32s(lq.q)?;
-    let (nh, _, _) = lq.q.dims3()?;
-    let rows = nh / cache.n_kv_heads() * lq.q.dim(1)?;
+    let (nh, t, _) = lq.q.dims3()?;
+    let rows = nh / cache.n_kv_heads() * t;
     heads
         .into_par_iter()
         .zip(stats)
