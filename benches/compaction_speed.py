@@ -36,9 +36,10 @@ p.add_argument(
 p.add_argument(
     "--settings",
     default="default",
-    help="comma list: default (off-policy max-score selection, ridge 10: see "
-    "docs/compaction.md) and/or on-policy (root-mean-square scores, on-policy fits, "
-    "held-out ridge: the paper's order and the default before 2026-11-26)",
+    help="comma list: default (off-policy max-score selection; biases w >= 1 and values "
+    "with ridge 1 from 4x to 16x: see docs/compaction.md), values (the same selection, values "
+    "only with ridge 10: the default of 2026-11-26) and/or on-policy (root-mean-square "
+    "scores, on-policy fits, held-out ridge, values only: the default before that)",
 )
 p.add_argument("--repeats", type=int, default=1, help="compactions per row (median reported)")
 p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
@@ -79,7 +80,9 @@ def fit_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int, passes:
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "on-policy": {"score": "rms", "on_policy": True, "ridge": None},
+    # The default of 2026-11-26: the same selection, values only (no bias NNLS), ridge 10.
+    "values": {"fit": "values", "ridge": 10.0},
+    "on-policy": {"score": "rms", "on_policy": True, "ridge": None, "fit": "values"},
 }
 
 

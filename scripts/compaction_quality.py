@@ -30,24 +30,51 @@ QUESTION = (
     "The special magic number for {k} mentioned in the provided text is"
 )
 
-# The AM settings every variant but "am" was measured with: the defaults before 2026-11-26
-# (the paper's root-mean-square scores and on-policy order, a held-out ridge; self-study
-# queries where a variant names none).
-BEFORE: dict[str, Any] = {"score": "rms", "on_policy": True, "ridge": None}
+# The AM settings most variants were measured with: the defaults before 2026-11-26 (the
+# paper's root-mean-square scores and on-policy order, a held-out ridge, values only;
+# self-study queries where a variant names none). Biases, where fitted, in the reference
+# code's [-3, 3].
+BEFORE: dict[str, Any] = {"score": "rms", "on_policy": True, "ridge": None, "fit": "values"}
 STUDY: dict[str, Any] = {"queries": "self-study", **BEFORE}
+PAPER_FIT: dict[str, Any] = {"fit": "am", "beta_bounds": (-3.0, 3.0)}
+# The default of 2026-11-26: repeat queries, max scores, off-policy, values with ridge 10.
+PREVIOUS: dict[str, Any] = {"method": "am", "fit": "values", "ridge": 10.0}
+
+
+def _biases(bounds: tuple[float, float], ridge: float = 1.0, on_policy: bool = True) -> dict:
+    """The bias fit on the default's max-scored keys (docs/compaction.md, 2026-11-26)."""
+    return {
+        "method": "am",
+        "fit": "am",
+        "on_policy": on_policy,
+        "ridge": ridge,
+        "beta_bounds": bounds,
+    }
+
 
 # name -> Session.compact keyword arguments (None: the full cache)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
-    # The default: repeat queries, max scores, off-policy, values fitted with ridge 10.
+    # The default: repeat queries, max scores, off-policy; from 4x to 16x biases (w >= 1) and values
+    # with ridge 1, values only beyond.
     "am": {"method": "am"},
+    "am fit=values ridge=10 (default of 2026-11-26)": PREVIOUS,
     "am queries=self-study": {"method": "am", **STUDY},
     "am queries=repeat": {"method": "am", **BEFORE, "queries": "repeat"},
     "am queries=repeat+self-study": {"method": "am", **BEFORE, "queries": "repeat+self-study"},
     "am-omp": {"method": "am-omp", **STUDY},
-    "am-omp fit=am": {"method": "am-omp", **STUDY, "fit": "am"},
+    "am-omp fit=am": {"method": "am-omp", **STUDY, **PAPER_FIT},
     "am score=max": {"method": "am", **STUDY, "score": "max"},
-    "am fit=am": {"method": "am", **STUDY, "fit": "am"},
+    "am fit=am": {"method": "am", **STUDY, **PAPER_FIT},
+    # The bias-fit study of 2026-11-26 (max scores, repeat queries; bounds and ridge varied).
+    "am fit=am on-policy ridge=1": _biases((-3.0, 3.0)),
+    "am fit=am on-policy ridge=1 beta>=0": _biases((0.0, 3.0)),
+    "am fit=am on-policy ridge=1 beta>=-1": _biases((-1.0, 3.0)),
+    "am fit=am on-policy ridge=1 0<=beta<=1": _biases((0.0, 1.0)),
+    "am fit=am on-policy ridge=3 beta>=0": _biases((0.0, 3.0), ridge=3.0),
+    "am fit=am on-policy ridge=10 beta>=0": _biases((0.0, 3.0), ridge=10.0),
+    "am fit=am off-policy ridge=1 beta>=0": _biases((0.0, 3.0), on_policy=False),
+    "am fit=values ridge=1": {"method": "am", "fit": "values", "ridge": 1.0},
     "kvzip": {"method": "kvzip"},
     "snapkv": {"method": "snapkv"},
     "h2o": {"method": "h2o"},
@@ -62,15 +89,15 @@ REPEAT_ABLATIONS: dict[str, dict[str, Any]] = {
     "head_budgets=uniform": {"head_budgets": "uniform"},
     "head_budgets=entropy": {"head_budgets": "entropy"},
     "off-policy": {"on_policy": False},
-    "fit=am (paper: beta + values)": {"fit": "am"},
+    "fit=am (paper: beta + values)": PAPER_FIT,
     "fit=am exact NNLS": {"fit": "am", "beta_bounds": None},
-    "fit=beta": {"fit": "beta"},
+    "fit=beta": {"fit": "beta", "beta_bounds": (-3.0, 3.0)},
     "fit=none": {"fit": "none"},
     "ridge=1e-6 (no held-out choice)": {"ridge": 1e-6},
 }
 for _name, _kw in REPEAT_ABLATIONS.items():
     VARIANTS[f"am repeat {_name}"] = {"method": "am", **BEFORE, "queries": "repeat", **_kw}
-VARIANTS["am-omp repeat fit=am"] = {"method": "am-omp", **BEFORE, "queries": "repeat", "fit": "am"}
+VARIANTS["am-omp repeat fit=am"] = {"method": "am-omp", **BEFORE, "queries": "repeat", **PAPER_FIT}
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

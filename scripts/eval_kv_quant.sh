@@ -12,8 +12,8 @@ OUT=${1:-docs/results/kv-quant}
 M=(--model "$SHARED/models/qwen3-small")
 KV=full,full:kv=int8,full:kv=int4,full:kv=int2
 # AM with the settings these pages were measured with: the defaults before 2026-11-26
-# (self-study queries, root-mean-square scores, on-policy, held-out ridge).
-S=am:queries=self-study:score=rms:on_policy=true:ridge=none
+# (self-study queries, root-mean-square scores, on-policy, held-out ridge, values only).
+S=am:queries=self-study:score=rms:on_policy=true:ridge=none:fit=values
 AM="$S,$S:kv=int8,$S:kv=int4,$S:kv=int2"
 E="python -m kvfast.eval"
 $E ppl "${M[@]}" --methods $KV,$AM --ratios 4,8,16 --text "$SHARED/data/wikitext-2/wiki.test.raw" \

@@ -12,10 +12,12 @@ SMOL="$SHARED/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI="$SHARED/data/wikitext-2/wiki.test.raw"
 E="python -m kvfast.eval"
 # AM as it was before the defaults changed on 2026-11-26 (root-mean-square scores, on-policy,
-# held-out ridge), with each query source, beside the default `am`.
-B=:score=rms:on_policy=true:ridge=none
+# held-out ridge, values only), with each query source, and the default of 2026-11-26 (values
+# only, ridge 10: $PREV), beside the current default `am`.
+B=:score=rms:on_policy=true:ridge=none:fit=values
+PREV=am:fit=values:ridge=10
 BEFORE_AM=am:queries=self-study$B,am:queries=repeat$B,am:queries=repeat+self-study$B
-$E needle --model "$SMOL" --methods full,am,$BEFORE_AM,snapkv,kvzip --ratios 4,8 \
+$E needle --model "$SMOL" --methods full,am,$PREV,$BEFORE_AM,snapkv,kvzip --ratios 4,8 \
   --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" --lengths 1024,2048 \
   --depths 0.25,0.75 --cases 1 --out "$OUT/needle"
 $E speed --model "$SMOL" --methods full --ratios 8 --text "$WIKI" --lengths 512 --decode 64 \

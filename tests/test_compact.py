@@ -89,6 +89,51 @@ def test_attention_matching_fits_better_than_its_selection_alone(
     assert err(fitted) < err(raw)
 
 
+def _biases(session: Session) -> np.ndarray:
+    info = session.cache_info()
+    return np.concatenate(
+        [
+            session.engine.head_cache(la, h)[2]
+            for la in range(info["layers"])
+            for h in range(info["kv_heads"])
+        ]
+    )
+
+
+@pytest.mark.parametrize(("ratio", "fit"), [(2, "values"), (4, "am"), (16, "am"), (20, "values")])
+def test_default_fit_raises_kept_keys_from_4x_to_16x_and_fits_values_outside(
+    session: Session, ratio: float, fit: str
+) -> None:
+    ids = prefilled(session)
+    r = session.compact(ratio=ratio, sink=2, recent=2)
+    assert r.fit == fit
+    b = _biases(session)
+    assert b.min() >= -1e-6, "the default bounds never lower a kept key"
+    if fit == "am":
+        assert b.max() > 1e-3
+    else:
+        assert np.all(b == 0)
+    # The same fit named explicitly gives the same cache.
+    heads = range(session.cache_info()["kv_heads"])
+    kept = [session.engine.head_cache(0, h)[1] for h in heads]
+    session.reset()
+    session.prefill(ids, logits=None)
+    session.compact(ratio=ratio, sink=2, recent=2, fit=fit)
+    for h in heads:
+        np.testing.assert_array_equal(session.engine.head_cache(0, h)[1], kept[h])
+
+
+def test_fitted_biases_stay_in_bounds_given_as_a_list(session: Session) -> None:
+    # Bounds arrive as a list from JSON configs and CLI parsing; the fitted log-weights of
+    # the middle block must stay inside them (sink and recent keep bias 0).
+    prefilled(session)
+    r = session.compact(ratio=4, recent=16, fit="am", beta_bounds=[-0.5, 0.25])
+    biases = _biases(session)
+    assert r.bytes_after < r.bytes_before
+    assert biases.min() >= -0.5 - 1e-5 and biases.max() <= 0.25 + 1e-5
+    assert np.any(np.abs(biases) > 1e-3), "some biases were fitted"
+
+
 def test_on_policy_refits_layers_after_the_first(session: Session) -> None:
     # The paper's order (off by default): layer l's reference queries run over layers < l
     # already compacted. The first layer sees the same queries either way; the budgets come

@@ -46,6 +46,10 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_method_specs_parse_options_and_reject_typos() -> None:
+    (bounded,) = parse_methods("am:fit=am:beta_bounds=0/3")
+    assert bounded.options == {"fit": "am", "beta_bounds": (0.0, 3.0)}
+    with pytest.raises(ValueError, match="low/high"):
+        parse_methods("am:beta_bounds=3")
     (fit_none,) = parse_methods("am:fit=none:score=max")
     assert fit_none.options == {"fit": "none", "score": "max"}  # words stay words
     full, am = parse_methods("full, am:queries=context:head_budgets=uniform:ridge=none")
@@ -107,9 +111,11 @@ def test_a_rerun_resumes_and_measures_only_new_cells(out: Path) -> None:
     run(folder, *args)
     data = json.loads((folder / "results.json").read_text())
     data["rows"][0]["ppl"] = -1.0  # a marker: a resumed run must not measure "full" again
+    data["note"] = "relabelled by hand"
     (folder / "results.json").write_text(json.dumps(data))
     again = run(folder, *args[:2], "full,random", *args[3:])
     assert rows(again)["full"]["ppl"] == -1.0
+    assert json.loads((folder / "results.json").read_text())["note"] == "relabelled by hand"
     assert "random@4x" in rows(again)
     # Other cases (another context length) cannot be mixed into the same file.
     assert eval_main([*args[:6], "64", *args[7:], "--out", str(folder)]) == 2

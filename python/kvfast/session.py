@@ -21,6 +21,8 @@ from tokenizers import Tokenizer
 
 from kvfast import _native, chat, gguf
 from kvfast.compaction import (
+    AUTO_BIAS_RATIOS,
+    FITS,
     METHODS,
     QUERY_SOURCES,
     REPEAT_INSTRUCTION,
@@ -328,14 +330,14 @@ class Session:
         sink: int = 4,
         recent: int = 64,
         head_budgets: str | os.PathLike[str] | list[list[int]] | None = None,
-        fit: str = "values",
+        fit: str = "auto",
         layers: Sequence[int] | None = None,
         seed: int = 0,
         score: str = "max",
         max_queries: int = 4096,
-        ridge: float | None = 10.0,
+        ridge: float | None = 1.0,
         on_policy: bool = False,
-        beta_bounds: tuple[float, float] | None = (-3.0, 3.0),
+        beta_bounds: tuple[float, float] | None = (0.0, 3.0),
         beta_prior: float = 0.0,
         task_threshold: float | None = 3.0,
         chunk_size: int = 4096,
@@ -345,9 +347,11 @@ class Session:
         The defaults are the setting measured best on our testbeds (docs/compaction.md): the
         paper's repeat queries, keys scored by the largest attention any reference query gives
         them (`score="max"`; "rms" is the paper's), selected off-policy (`on_policy=False`: one
-        pass of the reference queries over the original cache), values refitted with a pull
-        to the kept ones (`fit="values"`, `ridge=10`), no biases. The paper's setting is
-        `score="rms", on_policy=True, fit="am", ridge=None`.
+        pass of the reference queries over the original cache), then from 4x to 16x
+        (`fit="auto"`) the paper's fit with biases that only raise kept keys
+        (`beta_bounds=(0, 3)`) and values pulled lightly to the kept ones (`ridge=1`); outside
+        that range the values alone. The paper's
+        setting is `score="rms", on_policy=True, fit="am", ridge=None, beta_bounds=(-3, 3)`.
         `method`: "am" (Attention Matching: keys with the highest attention from reference
         queries, values by least squares on the attention output and, with `fit="am"`, biases
         by NNLS on the attention mass), "am-omp" (the same fit on keys chosen by orthogonal
@@ -365,13 +369,14 @@ class Session:
         its own budget instead.
         `head_budgets`: "global" (one pool over every head by a global top-k of key scores;
         the default for am and kvzip), "uniform" (the default for the other baselines, as
-        published), a `[layer][kv_head]` table or a JSON file holding one. `fit`: "values" (the
-        default: least-squares values, beta = 0), "am" (the paper's NNLS biases and values;
-        worse on our testbed, see docs/compaction.md), "beta" or "none" (ablations). `sink`
-        first and `recent` last tokens stay exact. With `fit="am"`, `beta_bounds` keeps the
-        fitted log-weights in a range (None: exact NNLS) and `beta_prior` pulls them to 0.
-        `ridge` pulls the fitted values towards the kept keys' own values (relative to the
-        problem's scale; 10 by default); None picks it per head on held-out reference queries.
+        published), a `[layer][kv_head]` table or a JSON file holding one. `fit`: "auto" (the
+        default: "am" from 4x to 16x, "values" outside; the report's `fit` says which ran),
+        "am" (the paper's NNLS biases, w = exp(beta), and least-squares values), "values"
+        (beta = 0), "beta" or "none" (ablations). `sink` first and `recent` last tokens stay exact.
+        `beta_bounds` keeps the fitted log-weights in a range (None: exact NNLS; the default
+        (0, 3) never lowers a kept key) and `beta_prior` pulls them to 0. `ridge` pulls the
+        fitted values towards the kept keys' own values (relative to the problem's scale; 1 by
+        default); None picks it per head on held-out reference queries.
         Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
         mass and output), which bounds the fit's memory on long contexts.
         Tokens added later get bias 0 and positions continuing the original context. Bad
@@ -383,8 +388,8 @@ class Session:
             raise ValueError(
                 f"unknown query source {queries!r}; expected one of {', '.join(QUERY_SOURCES)}"
             )
-        if fit not in ("am", "values", "beta", "none"):
-            raise ValueError(f'fit must be "am", "values", "beta" or "none", got {fit!r}')
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(map(repr, FITS))}, got {fit!r}")
         for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -428,6 +433,9 @@ class Session:
         budget = resolve_budget(mean, ratio, budget, sink, recent)
         if profile is not None and profile.shares is not None:
             table = profile.keys_for(budget, rows)
+        if fit == "auto":
+            lo, hi = AUTO_BIAS_RATIOS
+            fit = "am" if lo <= (ratio or mean / budget) <= hi else "values"
         suffix: list[int] | None = None
         generating = 0.0
         is_am = method in ("am", "am-omp")
@@ -463,14 +471,16 @@ class Session:
             ridge=ridge,
             max_queries=max_queries,
             on_policy=on_policy,
-            beta_bounds=beta_bounds,
+            beta_bounds=None
+            if beta_bounds is None
+            else (float(beta_bounds[0]), float(beta_bounds[1])),
             beta_prior=beta_prior,
             shared_mad=task_threshold if task is not None else None,
             chunk_size=chunk_size,
         )
         # Generating the self-study turns is part of making the reference queries.
         report["seconds_queries"] += generating
-        return CompactionReport.from_native(method, budget, report)
+        return CompactionReport.from_native(method, budget, fit, report)
 
     def _prompt_ids(self, text: str) -> list[int]:
         """`text` as a user turn (chat-formatted when the model has a template)."""

@@ -303,8 +303,8 @@ impl Engine {
     /// Compacts the cache to `budget` keys per head on average (see `Session.compact`).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
-                        recent = 64, head_budgets = None, fit = "values", layers = None, seed = 0,
-                        score = "rms", ridge = None, max_queries = 4096, on_policy = true,
+                        recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
+                        score = "max", ridge = Some(1.0), max_queries = 4096, on_policy = false,
                         window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
                         shared_mad = None, chunk_size = 4096))]
     fn compact<'py>(

@@ -80,7 +80,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
             raise ValueError(
                 f"unknown method {name!r} in {item!r}; expected full or one of {', '.join(METHODS)}"
             )
-        options = {}
+        options: dict[str, Any] = {}
         for o in opts:
             key, eq, val = o.partition("=")
             key = key.strip().replace("-", "_")
@@ -89,6 +89,13 @@ def parse_methods(text: str) -> list[MethodSpec]:
                     f"method spec {item!r}: bad option {o!r}; expected name=value with name one "
                     f"of {', '.join(sorted(_COMPACT_OPTIONS - {'method'}))}"
                 )
+            if key == "beta_bounds" and val.strip().lower() != "none":
+                # A pair has no comma here (commas split methods): "low/high".
+                lo, slash, hi = val.partition("/")
+                if not slash:
+                    raise ValueError(f"method spec {item!r}: beta_bounds is low/high, got {val!r}")
+                options[key] = (float(lo), float(hi))
+                continue
             options[key] = val.strip() if key in _WORD_OPTIONS else _value(val.strip())
         specs.append(MethodSpec(item, name, options, kv_dtype))
     if not specs:
@@ -233,6 +240,8 @@ class Results:
                     "rerun with the same ones to resume, or use another --out"
                 )
             self.data["rows"] = old.get("rows", [])
+            if "note" in old:  # what a person wrote about the rows stays with them
+                self.data["note"] = old["note"]
         out.mkdir(parents=True, exist_ok=True)
 
     @property

@@ -172,13 +172,18 @@ impl Options {
             } else {
                 HeadBudgets::Uniform
             },
-            fit: Fit::Values,
-            pool: Pool::Rms,
-            fit_params: FitParams::default(),
+            // `Session.compact`'s defaults (docs/compaction.md), but the biases at every ratio:
+            // its `fit="auto"` (values only outside 4-16x) is resolved in Python.
+            fit: Fit::Am,
+            pool: Pool::Max,
+            fit_params: FitParams {
+                ridge: Some(1.0),
+                ..FitParams::default()
+            },
             max_queries: 4096,
             layers: None,
             seed: 0,
-            on_policy: true,
+            on_policy: false,
             window: 64,
             kernel: 5,
             shared_mad: None,
