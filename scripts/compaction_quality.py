@@ -56,7 +56,7 @@ def _biases(bounds: tuple[float, float], ridge: float = 1.0, on_policy: bool = T
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
     # The default: repeat queries, max scores, off-policy; from 4x to 16x biases (w >= 1) and values
-    # with ridge 1, values only beyond.
+    # with ridge 1, values only outside.
     "am": {"method": "am"},
     "am fit=values ridge=10 (default of 2026-11-26)": PREVIOUS,
     "am queries=self-study": {"method": "am", **STUDY},

@@ -12,7 +12,10 @@ RUNS="$OUT/runs"
 M=(--model "$SHARED/models/qwen3-small")
 MAIN=full,am,kvzip,snapkv,h2o,streaming,tova,random
 # The default earlier on 2026-11-26 (values only, ridge 10), kept beside the current `am`.
-PREV=am:fit=values:ridge=10
+V=:fit=values:ridge=10
+PREV=am$V
+# The paper's setting: RMS scores, on-policy, NNLS biases in the reference code's [-3, 3].
+PAPER=am:score=rms:on_policy=true:fit=am:ridge=none:beta_bounds=-3/3
 # Attention Matching's other query sources, head-budget policies and the paper's setting
 # (on-policy, root-mean-square scores, NNLS biases in [-3, 3] + values, held-out ridge), each
 # measured on the previous default ($PREV) changing one thing (needle, PPL and fidelity at
@@ -22,8 +25,7 @@ PROFILE="$RUNS/budgets-calibrated.json"
 mkdir -p "$RUNS"
 [ -f "$PROFILE" ] || kvfast calibrate-budgets "${M[@]}" --context python/kvfast/data/moby_dick_ch1.txt \
   --length 2048 --ratio 8 --out "$PROFILE"
-V=:fit=values:ridge=10
-AM_VARIANTS=am:queries=repeat+self-study$V,am:score=rms:on_policy=true:fit=am:ridge=none:beta_bounds=-3/3,am:head_budgets=uniform$V,am:head_budgets=entropy$V,am:head_budgets=$PROFILE$V
+AM_VARIANTS=am:queries=repeat+self-study$V,$PAPER,am:head_budgets=uniform$V,am:head_budgets=entropy$V,am:head_budgets=$PROFILE$V
 RATIOS=2,4,8,16,32,64
 E="python -m kvfast.eval"
 
@@ -43,7 +45,7 @@ $E fidelity "${M[@]}" --methods full,$AM_VARIANTS --ratios $RATIOS --text "$SHAR
   --context 1024 --heldout 64 --windows 1 --out "$RUNS/fidelity-am-variants"
 # Held-out queries from questions: needle cases, their question asked after compaction.
 B=:score=rms:on_policy=true:ridge=none:fit=values
-$E fidelity "${M[@]}" --methods $MAIN,$PREV,am:queries=repeat+self-study$B,am:score=rms:on_policy=true:fit=am:ridge=none:beta_bounds=-3/3,am:fit=am:on_policy=true:ridge=1:beta_bounds=0/3 \
+$E fidelity "${M[@]}" --methods $MAIN,$PREV,am:queries=repeat+self-study$B,$PAPER,am:fit=am:on_policy=true:ridge=1:beta_bounds=0/3 \
   --ratios 4,8,16,32 --haystack "$SHARED/data/ruler/PaulGrahamEssays.json" --context 2048 --windows 6 \
   --out "$RUNS/fidelity-questions"
 $E qa "${M[@]}" --methods full,am,$PREV,kvzip,snapkv,streaming --ratios $RATIOS --mode both \

@@ -413,6 +413,8 @@ class Session:
             raise ValueError(
                 f"beta_bounds must be finite (low, high) with low <= high, got {beta_bounds}"
             )
+        # A list (from JSON or a CLI) becomes the pair the engine takes.
+        bounds = None if beta_bounds is None else (float(beta_bounds[0]), float(beta_bounds[1]))
         table: list[list[int]] | None = None
         policy: str | None = None
         profile: BudgetProfile | None = None
@@ -471,9 +473,7 @@ class Session:
             ridge=ridge,
             max_queries=max_queries,
             on_policy=on_policy,
-            beta_bounds=None
-            if beta_bounds is None
-            else (float(beta_bounds[0]), float(beta_bounds[1])),
+            beta_bounds=bounds,
             beta_prior=beta_prior,
             shared_mad=task_threshold if task is not None else None,
             chunk_size=chunk_size,

@@ -11,7 +11,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::compact::fit::{
-    fit_head as fit_one_head, FitParams, HeadData, Keep, DEFAULT_BETA_BOUNDS,
+    fit_head as fit_one_head, FitParams, HeadData, Keep, DEFAULT_BETA_BOUNDS, DEFAULT_RIDGE,
 };
 use crate::compact::pipeline::{Fit, HeadBudgets, Method, Options, QuerySource};
 use crate::compact::select::Pool;
@@ -304,7 +304,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (budget, *, method = "am", queries = "repeat", suffix = None, sink = 4,
                         recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
-                        score = "max", ridge = Some(1.0), max_queries = 4096, on_policy = false,
+                        score = "max", ridge = Some(DEFAULT_RIDGE), max_queries = 4096, on_policy = false,
                         window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
                         shared_mad = None, chunk_size = 4096))]
     fn compact<'py>(

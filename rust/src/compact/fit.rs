@@ -78,6 +78,10 @@ pub struct FitParams {
 /// 0.8 at 8x, docs/compaction.md).
 pub const DEFAULT_BETA_BOUNDS: (f64, f64) = (0.0, 3.0);
 
+/// The value ridge of `Session.compact`'s default: a light pull to the kept values (with the
+/// biases fitted, ridge 10 left the block's output error above every baseline's).
+pub const DEFAULT_RIDGE: f64 = 1.0;
+
 impl Default for FitParams {
     fn default() -> Self {
         Self {

@@ -21,7 +21,9 @@ const SCORE_CHUNK: usize = 512;
 use crate::cache::KvCache;
 use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
-use crate::compact::fit::{logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams};
+use crate::compact::fit::{
+    logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams, DEFAULT_RIDGE,
+};
 use crate::compact::select::{
     allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
 };
@@ -177,7 +179,7 @@ impl Options {
             fit: Fit::Am,
             pool: Pool::Max,
             fit_params: FitParams {
-                ridge: Some(1.0),
+                ridge: Some(DEFAULT_RIDGE),
                 ..FitParams::default()
             },
             max_queries: 4096,
