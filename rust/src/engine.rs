@@ -586,7 +586,18 @@ impl Engine {
                 self.cache.n_kv_heads(),
                 opts.head_budgets == HeadBudgets::Entropy,
             );
-            ScoringPass::new(n_layers, n_kv, opts.pool(), entropy, scale)
+            let p = ScoringPass::new(n_layers, n_kv, opts.pool(), entropy, scale);
+            // Off-policy fits over a suffix take their targets from the pass (the context's
+            // own tail re-run in place is not yet whole while it runs; OMP needs every key's
+            // numerators).
+            match (tail, suffix) {
+                (None, Some(s))
+                    if !on_policy && opts.fit_params.weighted && opts.method != Method::AmOmp =>
+                {
+                    p.with_fit_targets(opts, s.len())
+                }
+                _ => p,
+            }
         });
         if needs && (!on_policy || global_needed) {
             let t0 = clock();
@@ -634,7 +645,7 @@ impl Engine {
                     .enumerate()
                     .map(|(l, heads)| {
                         let reuse = layers.contains(&l) && (!on_policy || Some(l) == first);
-                        reuse.then(|| (heads, p.take_stats(l)))
+                        reuse.then(|| (heads, p.take_stats(l), p.take_targets(l)))
                     })
                     .collect();
             }
@@ -674,9 +685,7 @@ impl Engine {
                     outside: partials.as_ref().map(|p| p.stats.as_slice()),
                 };
                 let mut scored = match reused {
-                    Some((heads, stats)) => {
-                        fit_inputs_from_pass(cache, l, heads, stats, &lq, opts, scale)?
-                    }
+                    Some(pass) => fit_inputs_from_pass(cache, l, pass, &lq, opts, scale)?,
                     None => score_layer(cache, l, Some(&lq), opts, scale, true)?,
                 };
                 let counts = layer_counts(l, &mut scored, &global);
@@ -702,8 +711,8 @@ impl Engine {
                     outside: None,
                 });
                 let mut scored = match (from_pass.get_mut(l).and_then(Option::take), &lq) {
-                    (Some((heads, stats)), Some(lq)) => {
-                        fit_inputs_from_pass(&self.cache, l, heads, stats, lq, opts, scale)?
+                    (Some(pass), Some(lq)) => {
+                        fit_inputs_from_pass(&self.cache, l, pass, lq, opts, scale)?
                     }
                     _ => score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?,
                 };

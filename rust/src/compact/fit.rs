@@ -176,25 +176,43 @@ fn logits_into(mut out: MatMut<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usiz
 /// `[rows, d]` row-major: each row of `e [keys, rows]` (column-major) times `v [keys, d]`.
 pub fn weighted_values(v: &[f32], e: &[f32], keys: usize, rows: usize, d: usize) -> Vec<f32> {
     let mut out = Mat::<f32>::zeros(d, rows);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        MatRef::from_column_major_slice(&v[..keys * d], d, keys),
-        MatRef::from_column_major_slice(e, keys, rows),
-        1.0,
-        crate::compact::par(),
-    );
+    let e = MatRef::from_column_major_slice(e, keys, rows);
+    weighted_values_into(out.as_mut(), v, e, 0..keys, Accum::Replace);
     (0..rows)
         .flat_map(|r| out.col_as_slice(r).to_vec())
         .collect()
+}
+
+/// `out [d, rows] (+)= v[keys]^T e[keys, :]`: the part of each query's (unnormalised) output
+/// that the keys `keys` give, `v [*, d]` row-major, `e [*, rows]`.
+pub fn weighted_values_into(
+    out: MatMut<f32>,
+    v: &[f32],
+    e: MatRef<f32>,
+    keys: std::ops::Range<usize>,
+    accum: Accum,
+) {
+    let d = out.nrows();
+    matmul(
+        out,
+        accum,
+        MatRef::from_column_major_slice(&v[keys.start * d..keys.end * d], d, keys.len()),
+        e.subrows(keys.start, keys.len()),
+        1.0,
+        crate::compact::par(),
+    );
 }
 
 /// The reference attention of the queries over one block of keys: `e[:, r] = exp(logit - max_r)`
 /// (each query scaled by its own max for stability), its sums (the mass, in those units) and
 /// the target outputs `softmax V`.
 pub struct Block {
-    /// `[n, m]` column-major: column r is query r over the block's keys.
+    /// `[rows, m]` column-major: column r is query r over the block's keys (`rows = n`), or
+    /// over the keys of `keys` only.
     e: Vec<f32>,
+    /// The block's keys that `e` holds (sorted), when not all of them: the scoring pass
+    /// already gave the mass and targets, so only the kept keys' numerators are computed.
+    keys: Option<Vec<u32>>,
     n: usize,
     m: usize,
     mass: Vec<f64>,
@@ -268,16 +286,57 @@ impl Block {
             }
             mass.push(s.max(f64::MIN_POSITIVE));
         }
-        let vt = MatRef::from_column_major_slice(v, d, n);
         let mut target = Mat::<f32>::zeros(d, m);
-        matmul(
-            target.as_mut(),
-            Accum::Replace,
-            vt,
-            MatRef::from_column_major_slice(&e, n, m),
-            1.0,
-            crate::compact::par(),
-        );
+        let em = MatRef::from_column_major_slice(&e, n, m);
+        weighted_values_into(target.as_mut(), v, em, 0..n, Accum::Replace);
+        Ok(Self::assemble(e, None, n, mass, target, weight))
+    }
+
+    /// The block from what the scoring pass measured over all `n` of its keys, per query:
+    /// `mass` (the sum of its numerators, in the units of its max over every key it sees),
+    /// `numer [d, m]` (the unnormalised output `sum_j e_j v_j`) and `total` (weighted fit),
+    /// plus `e [keys.len(), m]`: the numerators of the keys `keys` (sorted) only, the ones
+    /// the fit keeps. Same block as [`Block::from_exp`] on the full numerators, without the
+    /// `n x m` products.
+    pub fn from_pass(
+        e: Vec<f32>,
+        keys: Vec<u32>,
+        n: usize,
+        mass: Vec<f64>,
+        numer: Mat<f32>,
+        total: &[f64],
+    ) -> Result<Self> {
+        let m = mass.len();
+        if m == 0
+            || numer.ncols() != m
+            || total.len() != m
+            || e.len() != keys.len() * m
+            || keys.last().is_some_and(|&j| j as usize >= n)
+        {
+            return Err(Error::invalid(
+                "fit: scoring-pass block of mismatched shapes",
+            ));
+        }
+        let mass: Vec<f64> = mass.into_iter().map(|s| s.max(f64::MIN_POSITIVE)).collect();
+        let weight = mass
+            .iter()
+            .zip(total)
+            .map(|(s, t)| s / t.max(f64::MIN_POSITIVE))
+            .collect();
+        Ok(Self::assemble(e, Some(keys), n, mass, numer, weight))
+    }
+
+    /// A block from its parts: `numer [d, m]` becomes the targets, divided by each mass.
+    fn assemble(
+        e: Vec<f32>,
+        keys: Option<Vec<u32>>,
+        n: usize,
+        mass: Vec<f64>,
+        numer: Mat<f32>,
+        weight: Vec<f64>,
+    ) -> Self {
+        let m = mass.len();
+        let mut target = numer;
         for (r, &s) in mass.iter().enumerate() {
             let inv = (1.0 / s) as f32;
             target
@@ -285,34 +344,49 @@ impl Block {
                 .iter_mut()
                 .for_each(|x| *x *= inv);
         }
-        Ok(Self {
+        Self {
             e,
+            keys,
             n,
             m,
             mass,
             target,
             weight,
-        })
+        }
     }
 
-    fn e(&self) -> MatRef<'_, f32> {
-        MatRef::from_column_major_slice(&self.e, self.n, self.m)
+    /// The full numerators `[n, m]`; an error for a block built [`Block::from_pass`].
+    fn e(&self) -> Result<MatRef<'_, f32>> {
+        match self.keys {
+            None => Ok(MatRef::from_column_major_slice(&self.e, self.n, self.m)),
+            Some(_) => Err(Error::invalid(
+                "fit: this block holds the numerators of its kept keys only",
+            )),
+        }
     }
 
     /// `[t, m]` f64 column-major: the kept keys' rows of `e` (column r: query r).
-    fn kept(&self, keep: &[u32]) -> Vec<f64> {
-        let t = keep.len();
+    fn kept(&self, keep: &[u32]) -> Result<Vec<f64>> {
+        let rows: Vec<usize> = match &self.keys {
+            None => keep.iter().map(|&j| j as usize).collect(),
+            Some(keys) => keep
+                .iter()
+                .map(|j| keys.binary_search(j))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| Error::invalid("fit: a kept key the scoring pass did not keep"))?,
+        };
+        let (t, held) = (keep.len(), self.e.len() / self.m.max(1));
         let mut a = vec![0f64; t * self.m];
-        if t > 0 {
+        if t > 0 && held > 0 {
             a.par_chunks_mut(t)
-                .zip(self.e.par_chunks(self.n))
+                .zip(self.e.par_chunks(held))
                 .for_each(|(dst, col)| {
-                    for (x, &j) in dst.iter_mut().zip(keep) {
-                        *x = col[j as usize] as f64;
+                    for (x, &i) in dst.iter_mut().zip(&rows) {
+                        *x = col[i] as f64;
                     }
                 });
         }
-        a
+        Ok(a)
     }
 
     /// The kept keys' mass under weights `w` per query, and `P^T [t, m]` (column-major),
@@ -393,6 +467,7 @@ impl Block {
     /// reference code; the Gram matrix grows in place). Returns sorted indices.
     pub fn omp_select(&self, t: usize) -> Result<Vec<u32>> {
         let (n, m) = (self.n, self.m);
+        let e = self.e()?;
         let t = t.min(n);
         let step = t.div_ceil(OMP_STEPS).max(1);
         let mass = MatRef::from_column_major_slice(&self.mass, m, 1);
@@ -409,7 +484,7 @@ impl Block {
             matmul(
                 corr.as_mut(),
                 Accum::Replace,
-                self.e(),
+                e,
                 resid.as_ref(),
                 1.0,
                 Par::Seq,
@@ -486,9 +561,9 @@ impl Block {
 
     /// Fidelity of keeping `keep` as they are (beta = 0, original values `v [n, d]`): what the
     /// baselines and `fit="none"` give.
-    pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Fidelity {
-        let (fitted, pt) = Self::kept_softmax(self.kept(keep), &vec![1.0; keep.len()]);
-        self.evaluate(&fitted, &pt, kept_values(keep, v, d).as_ref())
+    pub fn raw_fidelity(&self, keep: &[u32], v: &[f32], d: usize) -> Result<Fidelity> {
+        let (fitted, pt) = Self::kept_softmax(self.kept(keep)?, &vec![1.0; keep.len()]);
+        Ok(self.evaluate(&fitted, &pt, kept_values(keep, v, d).as_ref()))
     }
 
     /// w = exp(beta) >= 0 from NNLS on the mass equations `A^T w ~ mass` (`a` is `[t, m]`),
@@ -561,7 +636,7 @@ impl Block {
         if t == 0 {
             return Err(Error::invalid("fit: nothing kept"));
         }
-        let a = self.kept(keep);
+        let a = self.kept(keep)?;
         let m = self.m;
         let sol = if matches!(what, Fit::Am | Fit::Beta) {
             self.fit_weights(MatRef::from_column_major_slice(&a, t, m), p)?
@@ -770,6 +845,85 @@ mod tests {
         Ok(())
     }
 
+    /// A block built from the scoring pass's mass and outputs plus the kept keys' numerators
+    /// fits exactly as the block of every key's numerators (weighted, in the units of a max
+    /// taken over more keys than the block's, as inside a head).
+    #[test]
+    fn a_block_from_the_pass_fits_as_the_full_block() -> Result<()> {
+        let (m, n, d) = (96, 40, 8);
+        let (q, k, v) = data(m, n, d, 5);
+        let bias: Vec<f32> = (0..n).map(|j| (j % 3) as f32 * 0.2).collect();
+        let e = logits_t(&q, &k, &bias, d, 1.2);
+        let max: Vec<f32> = (0..m)
+            .map(|r| e.col(r).iter().fold(0f32, |a, &b| a.max(b)) + 0.5)
+            .collect();
+        let mut flat: Vec<f32> = Vec::with_capacity(n * m);
+        for (r, &mx) in max.iter().enumerate() {
+            let mut col: Vec<f32> = e.col(r).iter().copied().collect();
+            crate::compact::exp::exp_shifted(&mut col, mx);
+            flat.extend(col);
+        }
+        let total: Vec<f64> = (0..m)
+            .map(|r| {
+                flat[r * n..(r + 1) * n]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>()
+                    * 1.7
+            })
+            .collect();
+        let full = Block::from_exp(flat.clone(), n, &v, d, Some(&total))?;
+        let keep: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
+        let mass: Vec<f64> = (0..m)
+            .map(|r| crate::compact::exp::sum(&flat[r * n..(r + 1) * n]))
+            .collect();
+        let mut numer = Mat::<f32>::zeros(d, m);
+        let em = MatRef::from_column_major_slice(&flat, n, m);
+        weighted_values_into(numer.as_mut(), &v, em, 0..n, Accum::Replace);
+        let kept_e: Vec<f32> = (0..m)
+            .flat_map(|r| keep.iter().map(move |&j| (r, j as usize)))
+            .map(|(r, j)| flat[r * n + j])
+            .collect();
+        let part = Block::from_pass(kept_e, keep.clone(), n, mass, numer, &total)?;
+        for what in [Fit::Am, Fit::Values] {
+            let p = FitParams {
+                ridge: Some(1.0),
+                ..FitParams::default()
+            };
+            let (a, b) = (
+                full.fit(&keep, &bias, &v, what, &p)?,
+                part.fit(&keep, &bias, &v, what, &p)?,
+            );
+            for (x, y) in a
+                .values
+                .iter()
+                .zip(&b.values)
+                .chain(a.bias.iter().zip(&b.bias))
+            {
+                assert!(
+                    (x - y).abs() < 1e-4 * (1.0 + y.abs()),
+                    "{what:?}: {x} vs {y}"
+                );
+            }
+            assert!((a.fidelity.out_rel_err - b.fidelity.out_rel_err).abs() < 1e-6);
+            assert!((a.fidelity.mass_rel_err - b.fidelity.mass_rel_err).abs() < 1e-6);
+        }
+        let (rf, rp) = (
+            full.raw_fidelity(&keep, &v, d)?,
+            part.raw_fidelity(&keep, &v, d)?,
+        );
+        assert!(
+            (rf.out_rel_err - rp.out_rel_err).abs() < 1e-6,
+            "{rf:?} vs {rp:?}"
+        );
+        // Keys the pass block does not hold are an error, not a silent zero.
+        assert!(part
+            .fit(&[1], &bias, &v, Fit::Values, &FitParams::default())
+            .is_err());
+        assert!(part.omp_select(4).is_err());
+        Ok(())
+    }
+
     #[test]
     fn fitting_beats_keeping_the_raw_subset() -> Result<()> {
         // Half the keys kept by highest total attention: the beta/value fit must cut both the
@@ -782,9 +936,9 @@ mod tests {
         let score: Vec<f32> = (0..n).map(|j| (0..m).map(|r| lt[(j, r)]).sum()).collect();
         let keep = top_k(&score, n / 2);
         let fit = block.fit(&keep, &bias, &v, Fit::Am, &FitParams::default())?;
-        let raw = block.raw_fidelity(&keep, &v, d);
+        let raw = block.raw_fidelity(&keep, &v, d)?;
         let all: Vec<u32> = (0..n as u32).collect();
-        assert!(block.raw_fidelity(&all, &v, d).out_rel_err < 1e-6);
+        assert!(block.raw_fidelity(&all, &v, d)?.out_rel_err < 1e-6);
         assert!(fit.nnls_converged);
         let f = fit.fidelity;
         assert!(

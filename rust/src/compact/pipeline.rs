@@ -24,6 +24,7 @@ pub use crate::compact::fit::Fit;
 use crate::compact::fit::{
     logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams, DEFAULT_RIDGE,
 };
+use crate::compact::score_pass::MiddleTargets;
 use crate::compact::select::{
     allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
 };
@@ -237,6 +238,9 @@ pub struct Scored {
     /// the middle is one fit chunk (longer heads recompute logits chunk by chunk, so memory
     /// stays `chunk x m` per head).
     fit_e: Option<Vec<f32>>,
+    /// The middle keys' mass and output per fit query, from the scoring pass: then the fit
+    /// scores only the keys it keeps (`fit_e` stays None).
+    fit_targets: Option<MiddleTargets>,
     /// Per fit query: the max logit and total `exp(logit - max)` over every key it sees.
     whole: Option<(Vec<f32>, Vec<f64>)>,
     /// Scores of the middle keys `sink..n - recent`.
@@ -372,6 +376,7 @@ fn read_head(cache: &KvCache, l: usize, h: usize, extra: usize) -> Result<Scored
         extra,
         fit_q: None,
         fit_e: None,
+        fit_targets: None,
         whole: None,
         scores: Vec::new(),
         entropy: 0.0,
@@ -380,7 +385,7 @@ fn read_head(cache: &KvCache, l: usize, h: usize, extra: usize) -> Result<Scored
 
 /// The query rows a head's fit uses: a seeded random subset of at most `max_queries` of its
 /// `rows`, in order.
-fn fit_rows(opts: &Options, l: usize, h: usize, rows: usize) -> Vec<usize> {
+pub(crate) fn fit_rows(opts: &Options, l: usize, h: usize, rows: usize) -> Vec<usize> {
     if rows <= opts.max_queries {
         return (0..rows).collect();
     }
@@ -399,9 +404,13 @@ fn gather_rows(q: &[f32], base: usize, picked: &[usize], d: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A layer as a scoring pass left it: its heads' scores and, per head, each query row's
-/// softmax `(max, total)`.
-pub type PassLayer = (Vec<Scored>, Vec<Vec<(f32, f64)>>);
+/// A layer as a scoring pass left it: its heads' scores, per head each query row's softmax
+/// `(max, total)`, and the heads' fit targets where the pass took them (else empty).
+pub type PassLayer = (
+    Vec<Scored>,
+    Vec<Vec<(f32, f64)>>,
+    Vec<Option<MiddleTargets>>,
+);
 
 /// Completes the heads a [`ScoringPass`](crate::compact::score_pass::ScoringPass) scored
 /// (the off-policy reference queries, still in the cache as `lq.extra` rows) with what their
@@ -411,8 +420,7 @@ pub type PassLayer = (Vec<Scored>, Vec<Vec<(f32, f64)>>);
 pub fn fit_inputs_from_pass(
     cache: &KvCache,
     l: usize,
-    heads: Vec<Scored>,
-    stats: Vec<Vec<(f32, f64)>>,
+    (heads, stats, mut targets): PassLayer,
     lq: &LayerQueries,
     opts: &Options,
     scale: f32,
@@ -421,11 +429,13 @@ pub fn fit_inputs_from_pass(
     let q_all = f32s(lq.q)?;
     let (nh, t, _) = lq.q.dims3()?;
     let rows = nh / cache.n_kv_heads() * t;
+    targets.resize_with(heads.len(), || None);
     heads
         .into_par_iter()
         .zip(stats)
+        .zip(targets)
         .enumerate()
-        .map(|(h, (scored, stats))| -> Result<Scored> {
+        .map(|(h, ((scored, stats), targets))| -> Result<Scored> {
             let mut s = read_head(cache, l, h, lq.extra)?;
             if s.n != scored.n || stats.len() != rows {
                 return Err(Error::invalid(
@@ -436,7 +446,9 @@ pub fn fit_inputs_from_pass(
             let picked = fit_rows(opts, l, h, rows);
             let q = gather_rows(&q_all, h * rows, &picked, d);
             let (lo, hi) = s.window(opts);
-            if hi - lo <= opts.chunk {
+            if let Some(tg) = targets.filter(|tg| tg.window() == (lo, hi)) {
+                s.fit_targets = Some(tg);
+            } else if hi - lo <= opts.chunk {
                 // The fit scores every middle key, seen or not (no causal mask), in the units
                 // of the pass's max: each column is exp(logit - max).
                 let mut e = Vec::new();
@@ -489,6 +501,7 @@ pub fn scored_from_pass(layer: Vec<(Vec<f32>, f64)>, extra: usize, opts: &Option
                 extra,
                 fit_q: None,
                 fit_e: None,
+                fit_targets: None,
                 whole: None,
                 scores: Vec::new(),
                 entropy,
@@ -605,6 +618,35 @@ impl ChunkErrors {
     }
 }
 
+/// `exp(q . k_j * scale + b_j - max_r)` of the keys `kept` of `k [*, d]` (biases `bias`) for
+/// each query row `r` of `q [m, d]`: `[kept, m]` column-major, as [`Block::from_pass`] takes.
+fn kept_numerators(
+    q: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    kept: &[u32],
+    max: &[f32],
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let kk: Vec<f32> = kept
+        .iter()
+        .flat_map(|&j| &k[j as usize * d..(j as usize + 1) * d])
+        .copied()
+        .collect();
+    let kb: Vec<f32> = kept.iter().map(|&j| bias[j as usize]).collect();
+    let mut e = Vec::new();
+    logits_t_into(&mut e, q, &kk, &kb, d, scale);
+    if !kept.is_empty() {
+        e.par_chunks_mut(kept.len())
+            .zip(max)
+            .for_each(|(col, &mx)| {
+                exp_shifted(col, mx);
+            });
+    }
+    e
+}
+
 /// A head's new rows (keys, values, biases), or why it stays as it is.
 type Rewrite = std::result::Result<(Vec<f32>, Vec<f32>, Vec<f32>, HeadOutcome), HeadOutcome>;
 
@@ -667,18 +709,28 @@ pub fn apply_layer(
                     .map(|&j| j - rel0)
                     .collect();
                 let (ck, cv, cb) = (&s.k[c0 * d..c1 * d], &s.v[c0 * d..c1 * d], &s.bias[c0..c1]);
+                let from_pass = s
+                    .fit_targets
+                    .take()
+                    .filter(|_| opts.fit_params.weighted && opts.method != Method::AmOmp);
                 let block = match (&s.fit_q, &s.whole) {
                     (Some(q), Some(whole)) => {
                         let weighted = opts.fit_params.weighted;
-                        let b = match fit_e.take() {
-                            Some(mut e) => {
+                        let b = match (fit_e.take(), from_pass) {
+                            (_, Some(tg)) => {
+                                // Only the kept keys are scored: the pass gave the rest.
+                                let e = kept_numerators(q, ck, cb, &kept, &whole.0, d, scale);
+                                let (n, kept) = (c1 - c0, kept.clone());
+                                Block::from_pass(e, kept, n, tg.mass, tg.numer, &whole.1)?
+                            }
+                            (Some(mut e), None) => {
                                 if !weighted {
                                     rescale_to_block_max(&mut e, c1 - c0);
                                 }
                                 let total = weighted.then_some(whole.1.as_slice());
                                 Block::from_exp(e, c1 - c0, cv, d, total)?
                             }
-                            None => {
+                            (None, None) => {
                                 let mut lt = Vec::new();
                                 logits_t_into(&mut lt, q, ck, cb, d, scale);
                                 let whole =
@@ -710,7 +762,7 @@ pub fn apply_layer(
                                     mass_rel_err: 1.0,
                                     out_rel_err: 1.0,
                                 },
-                                false => b.raw_fidelity(&kept, cv, d),
+                                false => b.raw_fidelity(&kept, cv, d)?,
                             },
                             c1 - c0,
                         );
@@ -764,6 +816,7 @@ pub fn apply_layer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compact::fit::weighted_values;
 
     fn scored(scores: Vec<f32>) -> Scored {
         Scored {
@@ -773,6 +826,7 @@ mod tests {
             n: scores.len(),
             extra: 0,
             fit_e: None,
+            fit_targets: None,
             scores,
             entropy: 0.0,
             fit_q: None,
@@ -818,10 +872,16 @@ mod tests {
             opts.pool = pool;
             let mut c = cache.clone();
             let mut pass = ScoringPass::new(1, n_kv, pool, false, scale);
+            // The same pass also taking the fits' targets (see `with_fit_targets`).
+            let mut taking =
+                ScoringPass::new(1, n_kv, pool, false, scale).with_fit_targets(&opts, 9);
             let mut qs = Vec::new();
             for t in [5usize, 4] {
                 let q = random_chunk(&mut c, g, t, d)?;
-                pass.attend(0, &q, &c.layers[0])?;
+                let out = pass.attend(0, &q, &c.layers[0])?;
+                let out2 = taking.attend(0, &q, &c.layers[0])?;
+                let err = (out - out2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-5, "the pass's attention with targets taken: {err}");
                 qs.push(q);
             }
             let q = Tensor::cat(&qs, 1)?;
@@ -832,7 +892,11 @@ mod tests {
                 outside: None,
             };
             let heads = scored_from_pass(pass.finish_layer(0), 9, &opts);
-            let got = fit_inputs_from_pass(&c, 0, heads, pass.take_stats(0), &lq, &opts, scale)?;
+            let layer = (heads, pass.take_stats(0), pass.take_targets(0));
+            let got = fit_inputs_from_pass(&c, 0, layer, &lq, &opts, scale)?;
+            let heads = scored_from_pass(taking.finish_layer(0), 9, &opts);
+            let layer = (heads, taking.take_stats(0), taking.take_targets(0));
+            let got_targets = fit_inputs_from_pass(&c, 0, layer, &lq, &opts, scale)?;
             let want = score_layer(&c, 0, Some(&lq), &opts, scale, true)?;
             let close = |a: &[f32], b: &[f32], what: &str| {
                 assert_eq!(a.len(), b.len(), "{what}");
@@ -859,6 +923,42 @@ mod tests {
                 }
             };
             same_inputs(&got, "pass");
+            // The targets the pass took are the middle's mass and output over the numerators
+            // a fresh scoring gives, and the fits made from them rewrite the cache alike.
+            for (a, b) in got_targets.iter().zip(&want) {
+                let tg = a.fit_targets.as_ref().expect("targets taken");
+                assert!(a.fit_e.is_none(), "no full numerators kept");
+                let (lo, hi) = b.window(&opts);
+                assert_eq!(tg.window(), (lo, hi));
+                let e = b.fit_e.as_ref().unwrap();
+                let m = e.len() / (hi - lo);
+                let mass: Vec<f32> = e.chunks(hi - lo).map(|c| c.iter().sum()).collect();
+                let got_mass: Vec<f32> = tg.mass.iter().map(|&x| x as f32).collect();
+                close(&got_mass, &mass, "middle mass");
+                let numer = weighted_values(&b.v[lo * d..hi * d], e, hi - lo, m, d);
+                let got_numer: Vec<f32> = (0..m)
+                    .flat_map(|r| tg.numer.col_as_slice(r).to_vec())
+                    .collect();
+                close(&got_numer, &numer, "middle output");
+            }
+            let counts = vec![3, 4];
+            let mut opts_fit = opts.clone();
+            opts_fit.fit_params.ridge = Some(1.0);
+            let (mut c1, mut c2) = (c.clone(), c.clone());
+            let f1 = apply_layer(&mut c1, 0, got, &counts, &opts_fit, scale)?;
+            let f2 = apply_layer(&mut c2, 0, got_targets, &counts, &opts_fit, scale)?;
+            for h in 0..n_kv {
+                let (a, b) = (f1[h].fidelity.unwrap(), f2[h].fidelity.unwrap());
+                assert!(
+                    (a.out_rel_err - b.out_rel_err).abs() < 1e-5,
+                    "{a:?} vs {b:?}"
+                );
+                let (h1, h2) = (c1.head(0, h), c2.head(0, h));
+                for (x, y) in [(h1.values()?, h2.values()?), (h1.bias()?, h2.bias()?)] {
+                    let err = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(err < 1e-4, "head {h}: fitted rows differ by {err}");
+                }
+            }
             // The on-policy split: the context scored alone, the suffix keys' part of each
             // softmax given from outside, is the same scoring.
             let parts = suffix_partials(&c.layers[0], &q, scale)?;
