@@ -75,6 +75,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "am fit=am on-policy ridge=10 beta>=0": _biases((0.0, 3.0), ridge=10.0),
     "am fit=am off-policy ridge=1 beta>=0": _biases((0.0, 3.0), on_policy=False),
     "am fit=values ridge=1": {"method": "am", "fit": "values", "ridge": 1.0},
+    # A floor under the global budgets (2026-11-27): every head keeps this share of the average.
+    "am head_floor=0.25": {"method": "am", "head_floor": 0.25},
+    "am head_floor=0.5": {"method": "am", "head_floor": 0.5},
     "kvzip": {"method": "kvzip"},
     "snapkv": {"method": "snapkv"},
     "h2o": {"method": "h2o"},

@@ -222,6 +222,29 @@ def test_entropy_budgets_split_one_pool_unevenly(session: Session) -> None:
     assert session.generate(max_new_tokens=4) is not None
 
 
+def test_head_floor_gives_every_head_a_share_of_the_global_pool(session: Session) -> None:
+    prefilled(session)
+    plain = session.compact(budget=48, recent=16)
+    kept = [n for layer in plain.tokens_per_head_after for n in layer]
+    middle = 48 - 4 - 16  # the average middle budget (sink 4, recent 16)
+    assert min(kept) < 20 + middle // 2, "this cache's global split starves some head"
+    session.reset()
+    prefilled(session)
+    floored = session.compact(budget=48, recent=16, head_floor=0.5)
+    got = [n for layer in floored.tokens_per_head_after for n in layer]
+    # The pool is the same; every head keeps sink + recent + half the average middle.
+    assert sum(got) == sum(kept)
+    assert min(got) >= 20 + middle // 2 and got != kept
+    assert session.generate(max_new_tokens=4) is not None
+    session.reset()
+    prefilled(session)
+    even = session.compact(budget=48, recent=16, head_floor=1.0)
+    assert all(n == 48 for layer in even.tokens_per_head_after for n in layer)
+    for bad in (-0.1, 1.5, float("nan"), True, "half"):
+        with pytest.raises(ValueError, match="head_floor"):
+            session.compact(budget=48, head_floor=bad)  # type: ignore[arg-type]
+
+
 def test_task_guided_compaction_shares_one_selection_per_layer(session: Session) -> None:
     prefilled(session)
     r = session.compact(ratio=4, task=QUESTION, recent=16)
@@ -264,6 +287,7 @@ def test_task_guided_compaction_shares_one_selection_per_layer(session: Session)
         ({"ratio": 2, "head_budgets": "nonsense"}, "is not"),
         ({"ratio": 2, "layers": [7]}, "layers"),
         ({"ratio": 2, "beta_bounds": (3.0, -3.0)}, "beta_bounds"),
+        ({"ratio": 2, "head_floor": 2.0}, "head_floor"),
         ({"ratio": 2, "task": "why?", "method": "snapkv"}, "task"),
     ],
 )

@@ -341,6 +341,7 @@ class Session:
         beta_prior: float = 0.0,
         task_threshold: float | None = 3.0,
         chunk_size: int = 4096,
+        head_floor: float = 0.0,
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
@@ -369,7 +370,9 @@ class Session:
         its own budget instead.
         `head_budgets`: "global" (one pool over every head by a global top-k of key scores;
         the default for am and kvzip), "uniform" (the default for the other baselines, as
-        published), a `[layer][kv_head]` table or a JSON file holding one. `fit`: "auto" (the
+        published), a `[layer][kv_head]` table or a JSON file holding one. `head_floor`
+        (global budgets): the share of the average budget every head keeps before the rest of
+        the pool goes by score (0, the default: none). `fit`: "auto" (the
         default: "am" from 4x to 16x, "values" outside; the report's `fit` says which ran),
         "am" (the paper's NNLS biases, w = exp(beta), and least-squares values), "values"
         (beta = 0), "beta" or "none" (ablations). `sink` first and `recent` last tokens stay exact.
@@ -395,6 +398,14 @@ class Session:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if (
+            isinstance(head_floor, bool)
+            or not isinstance(head_floor, (int, float))
+            or not 0.0 <= head_floor <= 1.0
+        ):
+            raise ValueError(
+                f"head_floor must be in [0, 1] (a share of the average budget), got {head_floor!r}"
+            )
         rows = self._engine.cache_info()["tokens_per_head"]
         n_layers = len(rows)
         # Checked here too (not only in the engine) so that a bad call fails before the
@@ -477,6 +488,7 @@ class Session:
             beta_prior=beta_prior,
             shared_mad=task_threshold if task is not None else None,
             chunk_size=chunk_size,
+            head_floor=float(head_floor),
         )
         # Generating the self-study turns is part of making the reference queries.
         report["seconds_queries"] += generating

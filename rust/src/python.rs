@@ -306,7 +306,7 @@ impl Engine {
                         recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
                         score = "max", ridge = Some(DEFAULT_RIDGE), max_queries = 4096, on_policy = false,
                         window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
-                        shared_mad = None, chunk_size = 4096))]
+                        shared_mad = None, chunk_size = 4096, head_floor = 0.0))]
     fn compact<'py>(
         &mut self,
         py: Python<'py>,
@@ -331,6 +331,7 @@ impl Engine {
         beta_prior: f64,
         shared_mad: Option<f64>,
         chunk_size: usize,
+        head_floor: f64,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut o = Options::new(Method::parse(method)?, budget);
         o.queries = QuerySource::parse(queries)?;
@@ -376,6 +377,12 @@ impl Engine {
             return Err(PyValueError::new_err("chunk_size must be positive"));
         }
         o.chunk = chunk_size;
+        if !(0.0..=1.0).contains(&head_floor) {
+            return Err(PyValueError::new_err(format!(
+                "head_floor must be in [0, 1] (a share of the average budget), got {head_floor}"
+            )));
+        }
+        o.head_floor = head_floor;
         o.max_queries = max_queries;
         o.on_policy = on_policy;
         o.window = window;

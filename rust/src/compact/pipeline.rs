@@ -160,6 +160,10 @@ pub struct Options {
     pub shared_mad: Option<f64>,
     /// Keys per fit chunk of a head's middle (bounds the fit's memory on long contexts).
     pub chunk: usize,
+    /// Global budgets: the share of the average middle budget every head keeps before the
+    /// rest of the pool is split by score (0: none; global budgets can leave a head nearly
+    /// empty, and its output error then exceeds that of an even split).
+    pub head_floor: f64,
 }
 
 impl Options {
@@ -191,6 +195,7 @@ impl Options {
             kernel: 5,
             shared_mad: None,
             chunk: 4096,
+            head_floor: 0.0,
         }
     }
 
@@ -576,7 +581,8 @@ pub fn global_counts(scored: &[Vec<Scored>], opts: &Options) -> Vec<Vec<usize>> 
         }
         _ => {
             let flat: Vec<&[f32]> = heads.iter().map(|s| s.scores.as_slice()).collect();
-            allocate(&flat, pool)
+            let floor = (opts.head_floor * per_head as f64).round() as usize;
+            allocate(&flat, pool, floor)
         }
     };
     let mut it = counts.into_iter();

@@ -209,21 +209,34 @@ pub fn avg_pool(scores: &[f32], kernel: usize) -> Vec<f32> {
 
 /// Splits a pool of `total` keys across heads by one global top-k over every head's scores:
 /// head `i` gets as many keys as it has among the `total` best. Returns counts per head.
-pub fn allocate(scores: &[&[f32]], total: usize) -> Vec<usize> {
-    let mut all: Vec<(f32, u32)> = scores
-        .iter()
-        .enumerate()
-        .flat_map(|(h, s)| s.iter().map(move |&x| (x, h as u32)))
-        .collect();
-    let total = total.min(all.len());
-    let mut counts = vec![0; scores.len()];
-    if total == 0 {
+/// With a `floor`, every head is first given its own `floor` best keys (or all it has; a
+/// floor above an even split of the pool is lowered to it) and the rest of the pool goes by
+/// the global top-k over the keys not yet given. Each head's count is still its top keys by
+/// score, so the selection stays a per-head top-k.
+pub fn allocate(scores: &[&[f32]], total: usize, floor: usize) -> Vec<usize> {
+    let floor = floor.min(total / scores.len().max(1));
+    let mut counts: Vec<usize> = scores.iter().map(|s| floor.min(s.len())).collect();
+    let given: usize = counts.iter().sum();
+    let mut all: Vec<(f32, u32)> = Vec::new();
+    for (h, s) in scores.iter().enumerate() {
+        let mut rest: Vec<f32> = s.to_vec();
+        if counts[h] > 0 && counts[h] < rest.len() {
+            rest.select_nth_unstable_by(counts[h] - 1, |a, b| b.total_cmp(a));
+        }
+        all.extend(
+            rest[counts[h].min(rest.len())..]
+                .iter()
+                .map(|&x| (x, h as u32)),
+        );
+    }
+    let left = (total - given).min(all.len());
+    if left == 0 {
         return counts;
     }
-    if total < all.len() {
-        all.select_nth_unstable_by(total - 1, |a, b| b.0.total_cmp(&a.0));
+    if left < all.len() {
+        all.select_nth_unstable_by(left - 1, |a, b| b.0.total_cmp(&a.0));
     }
-    for &(_, h) in &all[..total] {
+    for &(_, h) in &all[..left] {
         counts[h as usize] += 1;
     }
     counts
@@ -348,9 +361,15 @@ mod tests {
         let a = [0.9f32, 0.8, 0.1];
         let b = [0.5f32, 0.05];
         let c = [0.01f32];
-        assert_eq!(allocate(&[&a, &b, &c], 3), vec![2, 1, 0]);
-        assert_eq!(allocate(&[&a, &b, &c], 10), vec![3, 2, 1]);
-        assert_eq!(allocate(&[&a, &b, &c], 0), vec![0, 0, 0]);
+        assert_eq!(allocate(&[&a, &b, &c], 3, 0), vec![2, 1, 0]);
+        assert_eq!(allocate(&[&a, &b, &c], 10, 0), vec![3, 2, 1]);
+        assert_eq!(allocate(&[&a, &b, &c], 0, 0), vec![0, 0, 0]);
+        // A floor of one key each: head c gets its best key, the rest of the pool follows
+        // the global order; a floor above an even split is lowered to it.
+        assert_eq!(allocate(&[&a, &b, &c], 3, 1), vec![1, 1, 1]);
+        assert_eq!(allocate(&[&a, &b, &c], 4, 1), vec![2, 1, 1]);
+        assert_eq!(allocate(&[&a, &b, &c], 2, 1), vec![2, 0, 0]);
+        assert_eq!(allocate(&[&a, &b, &c], 6, 5), vec![3, 2, 1]);
     }
 
     #[test]
