@@ -588,12 +588,9 @@ impl Engine {
             );
             let p = ScoringPass::new(n_layers, n_kv, opts.pool(), entropy, scale);
             // Off-policy fits over a suffix take their targets from the pass (the context's
-            // own tail re-run in place is not yet whole while it runs; OMP needs every key's
-            // numerators).
+            // own tail re-run in place is not yet whole while it runs).
             match (tail, suffix) {
-                (None, Some(s))
-                    if !on_policy && opts.fit_params.weighted && opts.method != Method::AmOmp =>
-                {
+                (None, Some(s)) if !on_policy && opts.fits_from_pass_targets() => {
                     p.with_fit_targets(opts, s.len())
                 }
                 _ => p,

@@ -178,8 +178,13 @@ pub fn weighted_values(v: &[f32], e: &[f32], keys: usize, rows: usize, d: usize)
     let mut out = Mat::<f32>::zeros(d, rows);
     let e = MatRef::from_column_major_slice(e, keys, rows);
     weighted_values_into(out.as_mut(), v, e, 0..keys, Accum::Replace);
-    (0..rows)
-        .flat_map(|r| out.col_as_slice(r).to_vec())
+    columns_as_rows(out.as_ref())
+}
+
+/// `[rows, d]` row-major from `m [d, rows]` (one row per column).
+pub fn columns_as_rows(m: MatRef<f32>) -> Vec<f32> {
+    (0..m.ncols())
+        .flat_map(|r| m.col(r).iter().copied())
         .collect()
 }
 
@@ -277,19 +282,11 @@ impl Block {
             return Err(Error::invalid("fit: empty block or mismatched value shape"));
         }
         let m = e.len() / n;
-        let mut mass = Vec::with_capacity(m);
-        let mut weight = vec![1f64; m];
-        for (r, col) in e.chunks(n).enumerate() {
-            let s = crate::compact::exp::sum(col);
-            if let Some(total) = total {
-                weight[r] = s / total[r].max(f64::MIN_POSITIVE);
-            }
-            mass.push(s.max(f64::MIN_POSITIVE));
-        }
-        let mut target = Mat::<f32>::zeros(d, m);
+        let mass = e.chunks(n).map(crate::compact::exp::sum).collect();
+        let mut numer = Mat::<f32>::zeros(d, m);
         let em = MatRef::from_column_major_slice(&e, n, m);
-        weighted_values_into(target.as_mut(), v, em, 0..n, Accum::Replace);
-        Ok(Self::assemble(e, None, n, mass, target, weight))
+        weighted_values_into(numer.as_mut(), v, em, 0..n, Accum::Replace);
+        Ok(Self::assemble(e, None, n, mass, numer, total))
     }
 
     /// The block from what the scoring pass measured over all `n` of its keys, per query:
@@ -317,25 +314,30 @@ impl Block {
                 "fit: scoring-pass block of mismatched shapes",
             ));
         }
-        let mass: Vec<f64> = mass.into_iter().map(|s| s.max(f64::MIN_POSITIVE)).collect();
-        let weight = mass
-            .iter()
-            .zip(total)
-            .map(|(s, t)| s / t.max(f64::MIN_POSITIVE))
-            .collect();
-        Ok(Self::assemble(e, Some(keys), n, mass, numer, weight))
+        Ok(Self::assemble(e, Some(keys), n, mass, numer, Some(total)))
     }
 
-    /// A block from its parts: `numer [d, m]` becomes the targets, divided by each mass.
+    /// A block from its parts, per query: `mass` (the block's numerator sum) and `numer [d,
+    /// m]` (its unnormalised output, which becomes the target divided by the mass); with
+    /// `total`, each query's value-fit row weighs the block's share of its attention.
     fn assemble(
         e: Vec<f32>,
         keys: Option<Vec<u32>>,
         n: usize,
         mass: Vec<f64>,
         numer: Mat<f32>,
-        weight: Vec<f64>,
+        total: Option<&[f64]>,
     ) -> Self {
         let m = mass.len();
+        let weight = match total {
+            Some(total) => mass
+                .iter()
+                .zip(total)
+                .map(|(s, t)| s / t.max(f64::MIN_POSITIVE))
+                .collect(),
+            None => vec![1f64; m],
+        };
+        let mass: Vec<f64> = mass.into_iter().map(|s| s.max(f64::MIN_POSITIVE)).collect();
         let mut target = numer;
         for (r, &s) in mass.iter().enumerate() {
             let inv = (1.0 / s) as f32;

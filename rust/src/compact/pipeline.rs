@@ -204,6 +204,14 @@ impl Options {
         self.method.is_am() && self.fit != Fit::None
     }
 
+    /// Whether a head's fit can take its mass and targets from the scoring pass
+    /// ([`MiddleTargets`]) instead of scoring every key: the weighted fit only (the pass's
+    /// numerators are in the units of each query's whole softmax), and not OMP (it needs every
+    /// key's numerators).
+    pub fn fits_from_pass_targets(&self) -> bool {
+        self.fit_params.weighted && self.method != Method::AmOmp
+    }
+
     pub fn pool(&self) -> Pool {
         match self.method {
             Method::Am | Method::AmOmp => self.pool,
@@ -451,21 +459,18 @@ pub fn fit_inputs_from_pass(
             let picked = fit_rows(opts, l, h, rows);
             let q = gather_rows(&q_all, h * rows, &picked, d);
             let (lo, hi) = s.window(opts);
-            if let Some(tg) = targets.filter(|tg| tg.window() == (lo, hi)) {
+            let whole: (Vec<f32>, Vec<f64>) = picked.iter().map(|&r| stats[r]).unzip();
+            let usable =
+                |tg: &MiddleTargets| opts.fits_from_pass_targets() && tg.window() == (lo, hi);
+            if let Some(tg) = targets.filter(usable) {
                 s.fit_targets = Some(tg);
             } else if hi - lo <= opts.chunk {
                 // The fit scores every middle key, seen or not (no causal mask), in the units
-                // of the pass's max: each column is exp(logit - max).
-                let mut e = Vec::new();
-                logits_t_into(&mut e, &q, &s.k[lo * d..hi * d], &s.bias[lo..hi], d, scale);
-                e.par_chunks_mut(hi - lo)
-                    .zip(&picked)
-                    .for_each(|(col, &r)| {
-                        exp_shifted(col, stats[r].0);
-                    });
-                s.fit_e = Some(e);
+                // of the pass's max.
+                let (k, b) = (&s.k[lo * d..hi * d], &s.bias[lo..hi]);
+                s.fit_e = Some(numerators(&q, k, b, &whole.0, d, scale));
             }
-            s.whole = Some(picked.iter().map(|&r| stats[r]).unzip());
+            s.whole = Some(whole);
             s.fit_q = Some(q);
             Ok(s)
         })
@@ -624,27 +629,15 @@ impl ChunkErrors {
     }
 }
 
-/// `exp(q . k_j * scale + b_j - max_r)` of the keys `kept` of `k [*, d]` (biases `bias`) for
-/// each query row `r` of `q [m, d]`: `[kept, m]` column-major, as [`Block::from_pass`] takes.
-fn kept_numerators(
-    q: &[f32],
-    k: &[f32],
-    bias: &[f32],
-    kept: &[u32],
-    max: &[f32],
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let kk: Vec<f32> = kept
-        .iter()
-        .flat_map(|&j| &k[j as usize * d..(j as usize + 1) * d])
-        .copied()
-        .collect();
-    let kb: Vec<f32> = kept.iter().map(|&j| bias[j as usize]).collect();
+/// `exp(q . k_j * scale + b_j - max_r)` of every key of `k [n, d]` (biases `bias`) for each
+/// query row `r` of `q [m, d]`: `[n, m]` column-major, each query in the units of its own
+/// max over everything it sees (`max[r]`), as [`Block::from_exp`] and [`Block::from_pass`]
+/// take them.
+fn numerators(q: &[f32], k: &[f32], bias: &[f32], max: &[f32], d: usize, scale: f32) -> Vec<f32> {
     let mut e = Vec::new();
-    logits_t_into(&mut e, q, &kk, &kb, d, scale);
-    if !kept.is_empty() {
-        e.par_chunks_mut(kept.len())
+    logits_t_into(&mut e, q, k, bias, d, scale);
+    if !bias.is_empty() {
+        e.par_chunks_mut(bias.len())
             .zip(max)
             .for_each(|(col, &mx)| {
                 exp_shifted(col, mx);
@@ -715,17 +708,17 @@ pub fn apply_layer(
                     .map(|&j| j - rel0)
                     .collect();
                 let (ck, cv, cb) = (&s.k[c0 * d..c1 * d], &s.v[c0 * d..c1 * d], &s.bias[c0..c1]);
-                let from_pass = s
-                    .fit_targets
-                    .take()
-                    .filter(|_| opts.fit_params.weighted && opts.method != Method::AmOmp);
+                let from_pass = s.fit_targets.take();
                 let block = match (&s.fit_q, &s.whole) {
                     (Some(q), Some(whole)) => {
                         let weighted = opts.fit_params.weighted;
                         let b = match (fit_e.take(), from_pass) {
                             (_, Some(tg)) => {
                                 // Only the kept keys are scored: the pass gave the rest.
-                                let e = kept_numerators(q, ck, cb, &kept, &whole.0, d, scale);
+                                let rows: Vec<usize> = kept.iter().map(|&j| j as usize).collect();
+                                let kk = gather_rows(ck, 0, &rows, d);
+                                let kb: Vec<f32> = rows.iter().map(|&j| cb[j]).collect();
+                                let e = numerators(q, &kk, &kb, &whole.0, d, scale);
                                 let (n, kept) = (c1 - c0, kept.clone());
                                 Block::from_pass(e, kept, n, tg.mass, tg.numer, &whole.1)?
                             }

@@ -218,16 +218,16 @@ pub fn allocate(scores: &[&[f32]], total: usize, floor: usize) -> Vec<usize> {
     let mut counts: Vec<usize> = scores.iter().map(|s| floor.min(s.len())).collect();
     let given: usize = counts.iter().sum();
     let mut all: Vec<(f32, u32)> = Vec::new();
-    for (h, s) in scores.iter().enumerate() {
-        let mut rest: Vec<f32> = s.to_vec();
-        if counts[h] > 0 && counts[h] < rest.len() {
-            rest.select_nth_unstable_by(counts[h] - 1, |a, b| b.total_cmp(a));
+    for (h, (s, &given)) in scores.iter().zip(&counts).enumerate() {
+        let tag = |&x: &f32| (x, h as u32);
+        if given == 0 {
+            all.extend(s.iter().map(tag));
+        } else if given < s.len() {
+            // The head's keys beyond its own `given` best.
+            let mut rest = s.to_vec();
+            rest.select_nth_unstable_by(given - 1, |a, b| b.total_cmp(a));
+            all.extend(rest[given..].iter().map(tag));
         }
-        all.extend(
-            rest[counts[h].min(rest.len())..]
-                .iter()
-                .map(|&x| (x, h as u32)),
-        );
     }
     let left = (total - given).min(all.len());
     if left == 0 {
