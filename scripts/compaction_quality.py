@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # with ridge 1, values only outside.
     "am": {"method": "am"},
     "am fit=values ridge=10 (default of 2026-11-26)": PREVIOUS,
+    # The default before 2026-11-27 (later): no check of the biases on the context's tail.
+    "am tail_check=0": {"method": "am", "tail_check": 0},
     "am queries=self-study": {"method": "am", **STUDY},
     "am queries=repeat": {"method": "am", **BEFORE, "queries": "repeat"},
     "am queries=repeat+self-study": {"method": "am", **BEFORE, "queries": "repeat+self-study"},

@@ -245,6 +245,45 @@ def test_head_floor_gives_every_head_a_share_of_the_global_pool(session: Session
             session.compact(budget=48, head_floor=bad)  # type: ignore[arg-type]
 
 
+def test_tail_check_gives_some_heads_the_values_only_fit_and_leaves_the_rest(
+    session: Session,
+) -> None:
+    def heads() -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        layers = len(session.cache_info()["tokens_per_head"])
+        n_kv = len(session.cache_info()["tokens_per_head"][0])
+        return [[session.engine.head_cache(la, h) for h in range(n_kv)] for la in range(layers)]
+
+    prefilled(session)
+    tail_before = [[k[-16:] for k, _, _ in layer] for layer in heads()]
+    plain = session.compact(budget=48, recent=16, fit="am", tail_check=0)
+    biased = heads()
+    session.reset()
+    prefilled(session)
+    session.compact(budget=48, recent=16, fit="values", ridge=10.0)
+    values_only = heads()
+    session.reset()
+    prefilled(session)
+    checked = session.compact(budget=48, recent=16, fit="am")  # the default: tail_check=64
+    got = heads()
+    assert not any(x for layer in plain.tail_values_only for x in layer)
+    flags = checked.tail_values_only
+    switched = [(la, h) for la, row in enumerate(flags) for h, x in enumerate(row) if x]
+    n_heads = sum(len(row) for row in checked.tail_values_only)
+    assert 0 < len(switched) < n_heads, "on this cache the check keeps some biases, drops others"
+    for la, layer in enumerate(got):
+        for h, (k, v, b) in enumerate(layer):
+            want = values_only[la][h] if (la, h) in switched else biased[la][h]
+            # The same keys, the tail's exactly as before (re-run for its queries, restored).
+            np.testing.assert_array_equal(k, want[0])
+            np.testing.assert_array_equal(k[-16:], tail_before[la][h])
+            np.testing.assert_allclose(v, want[1], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b, want[2], rtol=1e-5, atol=1e-6)
+    assert session.generate(max_new_tokens=4) is not None
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="tail_check"):
+            session.compact(budget=48, tail_check=bad)  # type: ignore[arg-type]
+
+
 def test_task_guided_compaction_shares_one_selection_per_layer(session: Session) -> None:
     prefilled(session)
     r = session.compact(ratio=4, task=QUESTION, recent=16)

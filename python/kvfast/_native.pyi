@@ -123,11 +123,13 @@ class Engine:
         shared_mad: float | None = None,
         chunk_size: int = 4096,
         head_floor: float = 0.0,
+        tail_check: int = 64,
     ) -> dict[str, Any]:
         """Compact the cache to `budget` keys per head on average; returns a report dict
         (tokens_before/after per [layer][head], bytes_before/after, seconds_queries,
         seconds_fit, query_tokens, fidelity [layer][head] -> (mass, output) rel. errors or
-        None, nnls_converged). `suffix`: the repeat prompt's ids (am/repeat, kvzip)."""
+        None, nnls_converged, tail_values_only). `suffix`: the repeat prompt's ids
+        (am/repeat, kvzip)."""
     def reset(self) -> None: ...
     def generate_scratch(
         self,

@@ -60,6 +60,9 @@ class CompactionReport:
     head_fidelity: list[list[Fidelity | None]] = field(repr=False)
     #: `[layer][kv_head]`: whether the bias NNLS met its KKT test (AM only).
     nnls_converged: list[list[bool]] = field(repr=False)
+    #: `[layer][kv_head]`: whether the tail check (`tail_check=`) gave the head the values-only
+    #: fit instead of the biases (all False without the check).
+    tail_values_only: list[list[bool]] = field(repr=False)
 
     @property
     def tokens_before(self) -> float:
@@ -120,6 +123,7 @@ class CompactionReport:
                 [None if f is None else Fidelity(*f) for f in layer] for layer in d["fidelity"]
             ],
             nnls_converged=d["nnls_converged"],
+            tail_values_only=d["tail_values_only"],
         )
 
 

@@ -342,6 +342,7 @@ class Session:
         task_threshold: float | None = 3.0,
         chunk_size: int = 4096,
         head_floor: float = 0.0,
+        tail_check: int = 64,
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
@@ -381,7 +382,13 @@ class Session:
         fitted values towards the kept keys' own values (relative to the problem's scale; 1 by
         default); None picks it per head on held-out reference queries.
         Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
-        mass and output), which bounds the fit's memory on long contexts.
+        mass and output), which bounds the fit's memory on long contexts. `tail_check` (when
+        biases are fitted, on a full-precision cache): re-runs the context's last
+        `min(tail_check, recent)` tokens in place (their keys and values are restored) and
+        gives each head whose biases make those queries' attention worse than the values-only
+        fit with ridge 10 that fit instead (the report's `tail_values_only`; 0: no check):
+        continuation queries do not copy the context as the repeat prompt's do
+        (docs/compaction.md).
         Tokens added later get bias 0 and positions continuing the original context. Bad
         arguments raise ValueError and leave the cache unchanged.
         """
@@ -393,7 +400,8 @@ class Session:
             )
         if fit not in FITS:
             raise ValueError(f"fit must be one of {', '.join(map(repr, FITS))}, got {fit!r}")
-        for name, v in (("sink", sink), ("recent", recent), ("seed", seed)):
+        ints = (("sink", sink), ("recent", recent), ("seed", seed), ("tail_check", tail_check))
+        for name, v in ints:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -489,6 +497,7 @@ class Session:
             shared_mad=task_threshold if task is not None else None,
             chunk_size=chunk_size,
             head_floor=float(head_floor),
+            tail_check=tail_check,
         )
         # Generating the self-study turns is part of making the reference queries.
         report["seconds_queries"] += generating

@@ -492,6 +492,29 @@ impl Engine {
         Ok((f(h.keys()?)?, f(h.values()?)?, f(h.bias()?)?))
     }
 
+    /// Every layer's newest `t` keys and values, `[n_kv_heads, t, head_dim]` copies.
+    fn cache_tail(&self, t: usize) -> Result<Vec<(Tensor, Tensor)>> {
+        let c = &self.cache;
+        (0..c.n_layers())
+            .map(|l| {
+                let mut ks = Vec::with_capacity(c.n_kv_heads());
+                let mut vs = Vec::with_capacity(c.n_kv_heads());
+                for h in 0..c.n_kv_heads() {
+                    let head = c.head(l, h);
+                    let n = head.len();
+                    ks.push(head.keys()?.narrow(0, n - t, t)?);
+                    vs.push(head.values()?.narrow(0, n - t, t)?);
+                }
+                // Copies: the re-run overwrites the rows these views read (and stacking one
+                // head shares its storage).
+                Ok((
+                    Tensor::stack(&ks, 0)?.copy()?,
+                    Tensor::stack(&vs, 0)?.copy()?,
+                ))
+            })
+            .collect()
+    }
+
     /// Runs `ids` on top of the cache capturing every layer's queries `[n_heads, s, d]`; the
     /// tokens stay in the cache.
     fn capture(&mut self, ids: &[u32]) -> Result<Vec<Tensor>> {
@@ -575,6 +598,40 @@ impl Engine {
                 HeadBudgets::Global | HeadBudgets::Entropy
             );
         let mut query_tokens = 0;
+        // The tail check's queries: the context's last tokens (exact since the last
+        // compaction) re-run in place before any reference prompt joins the cache; their keys
+        // and values are put back as they were, not as the re-run rounds them. A quantized
+        // cache's tail may be partly quantized, so it is not checked.
+        let tail_tokens = match self.cache.quant() {
+            None if opts.fits() => opts.tail_check.min(opts.recent).min(self.exact_tail),
+            _ => 0,
+        };
+        let tail_q = if tail_tokens > 0 {
+            let t0 = clock();
+            let ids = self.history[self.history.len() - tail_tokens..].to_vec();
+            let saved = self.cache_tail(tail_tokens)?;
+            self.cache.truncate_last(tail_tokens)?;
+            let qs = self.capture(&ids)?;
+            self.cache.truncate_last(tail_tokens)?;
+            for (l, (k, v)) in saved.iter().enumerate() {
+                self.cache.append(l, k, v)?;
+            }
+            self.cache.advance(tail_tokens);
+            t_queries += t0.elapsed().as_secs_f64();
+            Some(qs)
+        } else {
+            None
+        };
+        let attach_tail = |l: usize, scored: &mut [Scored]| -> Result<()> {
+            let Some(qs) = &tail_q else { return Ok(()) };
+            let q = crate::compact::pipeline::f32s(&qs[l])?;
+            let (nh, t, d) = qs[l].dims3()?;
+            let rows = nh / scored.len().max(1) * t;
+            for (h, s) in scored.iter_mut().enumerate() {
+                s.tail_q = Some((q[h * rows * d..(h + 1) * rows * d].to_vec(), t));
+            }
+            Ok(())
+        };
 
         // Off-policy reference queries: the context's own tail (re-run in place), or the
         // repeat suffix (left in the cache until the end).
@@ -686,6 +743,7 @@ impl Engine {
                     None => score_layer(cache, l, Some(&lq), opts, scale, true)?,
                 };
                 let counts = layer_counts(l, &mut scored, &global);
+                attach_tail(l, &mut scored)?;
                 outcomes[l] = apply_layer(cache, l, scored, &counts, opts, scale)?;
                 fit_time += t1.elapsed().as_secs_f64();
                 match partials {
@@ -714,6 +772,7 @@ impl Engine {
                     _ => score_layer(&self.cache, l, lq.as_ref(), opts, scale, true)?,
                 };
                 let counts = layer_counts(l, &mut scored, &global);
+                attach_tail(l, &mut scored)?;
                 outcomes[l] = apply_layer(&mut self.cache, l, scored, &counts, opts, scale)?;
             }
             if extra > 0 {

@@ -306,7 +306,7 @@ impl Engine {
                         recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
                         score = "max", ridge = Some(DEFAULT_RIDGE), max_queries = 4096, on_policy = false,
                         window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
-                        shared_mad = None, chunk_size = 4096, head_floor = 0.0))]
+                        shared_mad = None, chunk_size = 4096, head_floor = 0.0, tail_check = 64))]
     fn compact<'py>(
         &mut self,
         py: Python<'py>,
@@ -332,6 +332,7 @@ impl Engine {
         shared_mad: Option<f64>,
         chunk_size: usize,
         head_floor: f64,
+        tail_check: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mut o = Options::new(Method::parse(method)?, budget);
         o.queries = QuerySource::parse(queries)?;
@@ -383,6 +384,7 @@ impl Engine {
             )));
         }
         o.head_floor = head_floor;
+        o.tail_check = tail_check;
         o.max_queries = max_queries;
         o.on_policy = on_policy;
         o.window = window;
@@ -432,6 +434,12 @@ impl Engine {
             .map(|l| l.iter().map(|h| h.nnls_converged).collect())
             .collect();
         d.set_item("nnls_converged", converged)?;
+        let tail: Vec<Vec<bool>> = r
+            .heads
+            .iter()
+            .map(|l| l.iter().map(|h| h.tail_values_only).collect())
+            .collect();
+        d.set_item("tail_values_only", tail)?;
         Ok(d)
     }
 

@@ -9,6 +9,7 @@ pub mod score_pass;
 pub mod select;
 pub mod solve;
 pub mod split_attention;
+pub mod tail_check;
 
 use candle_core::Tensor;
 use faer::Par;

@@ -22,12 +22,13 @@ use crate::cache::KvCache;
 use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
 use crate::compact::fit::{
-    logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams, DEFAULT_RIDGE,
+    logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams, HeadFit, DEFAULT_RIDGE,
 };
 use crate::compact::score_pass::MiddleTargets;
 use crate::compact::select::{
     allocate, avg_pool, baseline, proportional, top_k, Baseline, Pool, ScoreAcc,
 };
+use crate::compact::tail_check::TailReference;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +165,15 @@ pub struct Options {
     /// rest of the pool is split by score (0: none; global budgets can leave a head nearly
     /// empty, and its output error then exceeds that of an even split).
     pub head_floor: f64,
+    /// The context's last tokens (at most `recent`) whose own queries check each head's fit:
+    /// where the fit with biases gives them a larger attention error than the values-only fit
+    /// with ridge [`TAIL_RIDGE`], the head takes the latter (0: no check).
+    pub tail_check: usize,
 }
+
+/// Ridge of the values-only fit the tail check weighs against (the setting that ties KVzip
+/// on running text: docs/results/am-vs-kvzip).
+pub const TAIL_RIDGE: f64 = 10.0;
 
 impl Options {
     pub fn new(method: Method, budget: usize) -> Self {
@@ -196,6 +205,7 @@ impl Options {
             shared_mad: None,
             chunk: 4096,
             head_floor: 0.0,
+            tail_check: 64,
         }
     }
 
@@ -260,6 +270,9 @@ pub struct Scored {
     pub scores: Vec<f32>,
     /// Mean attention entropy of the reference queries (entropy budgets only).
     pub entropy: f64,
+    /// With the tail check ([`Options::tail_check`]): the queries `[group x tokens, d]` of the
+    /// context's last `tokens` tokens (the group's query heads, head-major) and `tokens`.
+    pub tail_q: Option<(Vec<f32>, usize)>,
 }
 
 impl Scored {
@@ -393,6 +406,7 @@ fn read_head(cache: &KvCache, l: usize, h: usize, extra: usize) -> Result<Scored
         whole: None,
         scores: Vec::new(),
         entropy: 0.0,
+        tail_q: None,
     })
 }
 
@@ -515,6 +529,7 @@ pub fn scored_from_pass(layer: Vec<(Vec<f32>, f64)>, extra: usize, opts: &Option
                 whole: None,
                 scores: Vec::new(),
                 entropy,
+                tail_q: None,
             };
             let (lo, hi) = s.window(opts);
             s.scores = middle_scores(&all[lo..hi], opts);
@@ -602,6 +617,8 @@ pub fn global_counts(scored: &[Vec<Scored>], opts: &Options) -> Vec<Vec<usize>> 
 pub struct HeadOutcome {
     pub fidelity: Option<Fidelity>,
     pub nnls_converged: bool,
+    /// The tail check gave this head the values-only fit ([`Options::tail_check`]).
+    pub tail_values_only: bool,
 }
 
 /// Fidelity over a head's fit chunks: the root-mean-square of the chunks' relative errors,
@@ -649,6 +666,44 @@ fn numerators(q: &[f32], k: &[f32], bias: &[f32], max: &[f32], d: usize, scale: 
 /// A head's new rows (keys, values, biases), or why it stays as it is.
 type Rewrite = std::result::Result<(Vec<f32>, Vec<f32>, Vec<f32>, HeadOutcome), HeadOutcome>;
 
+/// One fit chunk of a head's middle: its first key, the kept keys (chunk-relative), the fit
+/// and, with the tail check, the values-only fit it is weighed against; unfitted, the fidelity
+/// of the keys as they are.
+type Piece = (
+    usize,
+    Vec<u32>,
+    Option<HeadFit>,
+    Option<HeadFit>,
+    Option<Fidelity>,
+);
+
+/// The middle a head keeps: keys, biases and values `[t, d]` of every piece, from its fit
+/// (`alt`: the values-only one where there is one) or as they were.
+fn middle_of(pieces: &[Piece], alt: bool, s: &Scored, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut k, mut b, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for (c0, kept, fitted, alternative, _) in pieces {
+        let fit = match alternative {
+            Some(a) if alt => Some(a),
+            _ => fitted.as_ref(),
+        };
+        for (i, &j) in kept.iter().enumerate() {
+            let j = c0 + j as usize;
+            k.extend(&s.k[j * d..(j + 1) * d]);
+            match fit {
+                Some(f) => {
+                    b.push(f.bias[i]);
+                    v.extend(&f.values[i * d..(i + 1) * d]);
+                }
+                None => {
+                    b.push(s.bias[j]);
+                    v.extend(&s.v[j * d..(j + 1) * d]);
+                }
+            }
+        }
+    }
+    (k, b, v)
+}
+
 /// Keeps `counts[h]` middle keys in each head of layer `l` (plus sink and recent) and refits
 /// them when the method fits. Heads whose keys all fit stay untouched. The middle is fitted in
 /// chunks of `opts.chunk` keys (each chunk's kept keys match that chunk's mass and output),
@@ -674,6 +729,7 @@ pub fn apply_layer(
                 return Ok(Err(HeadOutcome {
                     fidelity: exact,
                     nnls_converged: true,
+                    tail_values_only: false,
                 }));
             }
             let rule = match opts.method {
@@ -691,13 +747,13 @@ pub fn apply_layer(
                     .collect(),
                 None => top_k(&s.scores, count),
             };
-            let mut new_k = s.k[..lo * d].to_vec();
-            let (mut new_v, mut new_b) = (s.v[..lo * d].to_vec(), s.bias[..lo].to_vec());
             let mut outcome = HeadOutcome {
                 fidelity: None,
                 nnls_converged: true,
+                tail_values_only: false,
             };
-            let mut errs = ChunkErrors::default();
+            let mut pieces: Vec<Piece> = Vec::new();
+            let check_tail = s.tail_q.is_some() && matches!(opts.fit, Fit::Am | Fit::Beta);
             let mut fit_e = s.fit_e.take();
             for c0 in (lo..hi).step_by(opts.chunk.max(1)) {
                 let c1 = (c0 + opts.chunk.max(1)).min(hi);
@@ -746,44 +802,73 @@ pub fn apply_layer(
                         kept = b.omp_select(kept.len())?;
                     }
                 }
-                let fitted = match &block {
+                let (fitted, alternative, raw) = match &block {
                     Some(b) if opts.fits() && !kept.is_empty() => {
                         let f = b.fit(&kept, cb, cv, opts.fit, &opts.fit_params)?;
-                        outcome.nnls_converged &= f.nnls_converged;
-                        errs.add(f.fidelity, c1 - c0);
-                        Some(f)
+                        let alt = check_tail
+                            .then(|| {
+                                let p = FitParams {
+                                    ridge: Some(TAIL_RIDGE),
+                                    ..opts.fit_params
+                                };
+                                b.fit(&kept, cb, cv, Fit::Values, &p)
+                            })
+                            .transpose()?;
+                        (Some(f), alt, None)
                     }
-                    Some(b) => {
-                        // Nothing kept from the chunk: its whole mass and output are lost.
-                        errs.add(
-                            match kept.is_empty() {
-                                true => Fidelity {
-                                    mass_rel_err: 1.0,
-                                    out_rel_err: 1.0,
-                                },
-                                false => b.raw_fidelity(&kept, cv, d)?,
-                            },
-                            c1 - c0,
-                        );
-                        None
-                    }
-                    None => None,
+                    // Nothing kept from the chunk: its whole mass and output are lost.
+                    Some(_) if kept.is_empty() => (
+                        None,
+                        None,
+                        Some(Fidelity {
+                            mass_rel_err: 1.0,
+                            out_rel_err: 1.0,
+                        }),
+                    ),
+                    Some(b) => (None, None, Some(b.raw_fidelity(&kept, cv, d)?)),
+                    None => (None, None, None),
                 };
-                for (i, &j) in kept.iter().enumerate() {
-                    let j = j as usize;
-                    new_k.extend(&ck[j * d..(j + 1) * d]);
-                    match &fitted {
-                        Some(f) => {
-                            new_v.extend(&f.values[i * d..(i + 1) * d]);
-                            new_b.push(f.bias[i]);
-                        }
-                        None => {
-                            new_v.extend(&cv[j * d..(j + 1) * d]);
-                            new_b.push(cb[j]);
-                        }
-                    }
+                pieces.push((c0, kept, fitted, alternative, raw));
+            }
+            // The tail check: the context's last queries judge both fits over the whole middle.
+            let use_alternative = match (&s.tail_q, check_tail) {
+                (Some((tq, tokens)), true) => {
+                    let (rows, tokens, ctx) = (tq.len() / d, *tokens, s.n - s.extra);
+                    let pos: Vec<usize> = (0..rows).map(|i| ctx - tokens + i % tokens).collect();
+                    let reference = TailReference::new(
+                        tq.clone(),
+                        &pos,
+                        (&s.k, &s.v, &s.bias),
+                        (lo, hi),
+                        d,
+                        scale,
+                    );
+                    let (k1, b1, v1) = middle_of(&pieces, false, &s, d);
+                    let (k2, b2, v2) = middle_of(&pieces, true, &s, d);
+                    reference.error(&k2, &b2, &v2) < reference.error(&k1, &b1, &v1)
+                }
+                _ => false,
+            };
+            outcome.tail_values_only = use_alternative;
+            let mut errs = ChunkErrors::default();
+            for (c0, _, fitted, alternative, raw) in &pieces {
+                let c1 = (c0 + opts.chunk.max(1)).min(hi);
+                let chosen = match alternative {
+                    Some(a) if use_alternative => Some(a),
+                    _ => fitted.as_ref(),
+                };
+                if let Some(f) = chosen {
+                    outcome.nnls_converged &= f.nnls_converged;
+                    errs.add(f.fidelity, c1 - c0);
+                }
+                if let Some(r) = raw {
+                    errs.add(*r, c1 - c0);
                 }
             }
+            let (mid_k, mid_b, mid_v) = middle_of(&pieces, use_alternative, &s, d);
+            let mut new_k = [&s.k[..lo * d], &mid_k].concat();
+            let mut new_v = [&s.v[..lo * d], &mid_v].concat();
+            let mut new_b = [&s.bias[..lo], &mid_b].concat();
             outcome.fidelity = errs.finish();
             new_k.extend(&s.k[hi * d..]);
             new_v.extend(&s.v[hi * d..]);
@@ -830,6 +915,7 @@ mod tests {
             entropy: 0.0,
             fit_q: None,
             whole: None,
+            tail_q: None,
         }
     }
 
