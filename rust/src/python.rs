@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use crate::compact::fit::{
     fit_head as fit_one_head, FitParams, HeadData, Keep, DEFAULT_BETA_BOUNDS, DEFAULT_RIDGE,
 };
-use crate::compact::pipeline::{Fit, HeadBudgets, Method, Options, QuerySource};
+use crate::compact::pipeline::{Fit, HeadBudgets, HeadOutcome, Method, Options, QuerySource};
 use crate::compact::select::Pool;
 use crate::device::{build_features, device_name, dtype_name};
 use crate::engine::{Engine as Core, LogitsWant};
@@ -418,28 +418,15 @@ impl Engine {
         d.set_item("seconds_queries", r.seconds_queries)?;
         d.set_item("seconds_fit", r.seconds_fit)?;
         d.set_item("query_tokens", r.query_tokens)?;
-        let fid: Vec<Vec<Option<(f64, f64)>>> = r
-            .heads
-            .iter()
-            .map(|l| {
-                l.iter()
-                    .map(|h| h.fidelity.map(|f| (f.mass_rel_err, f.out_rel_err)))
-                    .collect()
-            })
-            .collect();
+        let fid = per_head(&r.heads, |h| {
+            h.fidelity.map(|f| (f.mass_rel_err, f.out_rel_err))
+        });
         d.set_item("fidelity", fid)?;
-        let converged: Vec<Vec<bool>> = r
-            .heads
-            .iter()
-            .map(|l| l.iter().map(|h| h.nnls_converged).collect())
-            .collect();
-        d.set_item("nnls_converged", converged)?;
-        let tail: Vec<Vec<bool>> = r
-            .heads
-            .iter()
-            .map(|l| l.iter().map(|h| h.tail_values_only).collect())
-            .collect();
-        d.set_item("tail_values_only", tail)?;
+        d.set_item("nnls_converged", per_head(&r.heads, |h| h.nnls_converged))?;
+        d.set_item(
+            "tail_values_only",
+            per_head(&r.heads, |h| h.tail_values_only),
+        )?;
         Ok(d)
     }
 
@@ -780,4 +767,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit_head, m)?)?;
     m.add_function(wrap_pyfunction!(py_build_features, m)?)?;
     Ok(())
+}
+
+/// A `[layer][kv_head]` table of one field of each head's compaction outcome.
+fn per_head<T>(heads: &[Vec<HeadOutcome>], f: impl Fn(&HeadOutcome) -> T) -> Vec<Vec<T>> {
+    heads.iter().map(|l| l.iter().map(&f).collect()).collect()
 }

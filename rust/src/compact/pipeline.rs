@@ -804,17 +804,21 @@ pub fn apply_layer(
                 }
                 let (fitted, alternative, raw) = match &block {
                     Some(b) if opts.fits() && !kept.is_empty() => {
-                        let f = b.fit(&kept, cb, cv, opts.fit, &opts.fit_params)?;
-                        let alt = check_tail
-                            .then(|| {
-                                let p = FitParams {
-                                    ridge: Some(TAIL_RIDGE),
-                                    ..opts.fit_params
-                                };
-                                b.fit(&kept, cb, cv, Fit::Values, &p)
-                            })
-                            .transpose()?;
-                        (Some(f), alt, None)
+                        // The two fits are independent: a thread another head leaves idle
+                        // (global budgets make heads uneven) takes the second.
+                        let alt_params = FitParams {
+                            ridge: Some(TAIL_RIDGE),
+                            ..opts.fit_params
+                        };
+                        let (f, alt) = rayon::join(
+                            || b.fit(&kept, cb, cv, opts.fit, &opts.fit_params),
+                            || {
+                                check_tail
+                                    .then(|| b.fit(&kept, cb, cv, Fit::Values, &alt_params))
+                                    .transpose()
+                            },
+                        );
+                        (Some(f?), alt?, None)
                     }
                     // Nothing kept from the chunk: its whole mass and output are lost.
                     Some(_) if kept.is_empty() => (

@@ -315,9 +315,30 @@ struct NormalEq {
 }
 
 impl NormalEq {
-    /// `single`: form the Gram in f32 (twice as fast; see [`F32_GRAM_FROM_RIDGE`]).
+    /// `single`: form `PᵀP` and `PᵀY` in f32 (twice as fast; see [`F32_GRAM_FROM_RIDGE`]).
     fn new(p: MatRef<f64>, y: MatRef<f64>, single: bool) -> Self {
         let (t, d) = (p.ncols(), y.ncols());
+        let yy = y.squared_norm_l2();
+        if single {
+            // Built transposed: the fit's rows are stored one query per column.
+            let pt = Mat::<f32>::from_fn(t, p.nrows(), |c, r| p[(r, c)] as f32);
+            let y32 = Mat::<f32>::from_fn(y.nrows(), d, |r, c| y[(r, c)] as f32);
+            let mut rhs = Mat::<f32>::zeros(t, d);
+            matmul(
+                rhs.as_mut(),
+                Accum::Replace,
+                pt.as_ref(),
+                y32.as_ref(),
+                1.0,
+                crate::compact::par(),
+            );
+            let g = gram(pt.transpose());
+            return Self {
+                gram: Mat::from_fn(t, t, |i, j| g[(i, j)] as f64),
+                rhs: Mat::from_fn(t, d, |i, c| rhs[(i, c)] as f64),
+                yy,
+            };
+        }
         let mut rhs = Mat::<f64>::zeros(t, d);
         matmul(
             rhs.as_mut(),
@@ -327,18 +348,10 @@ impl NormalEq {
             1.0,
             crate::compact::par(),
         );
-        let gram = if single {
-            // Built transposed: the fit's rows are stored one query per column.
-            let pt = Mat::<f32>::from_fn(t, p.nrows(), |c, r| p[(r, c)] as f32);
-            let g = gram(pt.transpose());
-            Mat::<f64>::from_fn(t, t, |i, j| g[(i, j)] as f64)
-        } else {
-            gram(p)
-        };
         Self {
-            gram,
+            gram: gram(p),
             rhs,
-            yy: y.squared_norm_l2(),
+            yy,
         }
     }
 
@@ -404,7 +417,7 @@ pub fn ridge_lstsq(
     NormalEq::new(p, y, ridge >= F32_GRAM_FROM_RIDGE).solve(ridge, anchor)
 }
 
-/// From this relative ridge on, [`ridge_lstsq`] forms its Gram in f32: the ridge bounds the
+/// From this relative ridge on, [`ridge_lstsq`] forms its normal equations in f32: the ridge bounds the
 /// condition number of `PᵀP + lambda I` to about `1 + 1/ridge` times the Gram's spread over its
 /// mean diagonal, so f32's ~1e-7 relative rounding of `PᵀP` moves the solution by far less than
 /// the fit's own error. Smaller ridges (the held-out search's grid) stay in f64.

@@ -11,7 +11,7 @@ use faer::{Accum, Mat, MatRef, Par};
 
 /// The tail queries' exact attention over one head whose middle `[lo, hi)` is being replaced:
 /// per query its max logit, the softmax sum and numerator of the keys outside the middle that
-/// it sees (causal), and the whole output.
+/// it sees (causal), and the whole output. Matrices are stored one query per column.
 pub struct TailReference {
     d: usize,
     scale: f32,
@@ -22,26 +22,33 @@ pub struct TailReference {
     output: Mat<f32>,
 }
 
-/// `scale * q kᵀ` for `q [rows, d]` and `k [t, d]`, row-major: `[rows, t]`.
-fn logits(q: &[f32], k: &[f32], d: usize, scale: f32) -> Mat<f32> {
+/// `scale * k qᵀ` for `k [t, d]` and `q [rows, d]`, row-major: `[t, rows]`, a column per query.
+fn logits(k: &[f32], q: &[f32], d: usize, scale: f32) -> Mat<f32> {
     let (rows, t) = (q.len() / d, k.len() / d);
-    let mut out = Mat::<f32>::zeros(rows, t);
+    let mut out = Mat::<f32>::zeros(t, rows);
     matmul(
         out.as_mut(),
         Accum::Replace,
-        MatRef::from_row_major_slice(q, rows, d),
-        MatRef::from_row_major_slice(k, t, d).transpose(),
+        MatRef::from_row_major_slice(k, t, d),
+        MatRef::from_row_major_slice(q, rows, d).transpose(),
         scale,
         Par::Seq,
     );
     out
 }
 
-/// `e [rows, t] x v [t, d]`.
-fn times(e: &Mat<f32>, v: &[f32], d: usize) -> Mat<f32> {
-    let mut out = Mat::<f32>::zeros(e.nrows(), d);
+/// `vᵀ e` for `v [t, d]` row-major and `e [t, rows]`: `[d, rows]`.
+fn numerators(v: &[f32], e: &Mat<f32>, d: usize) -> Mat<f32> {
+    let mut out = Mat::<f32>::zeros(d, e.ncols());
     let vm = MatRef::from_row_major_slice(v, v.len() / d, d);
-    matmul(out.as_mut(), Accum::Replace, e.as_ref(), vm, 1.0, Par::Seq);
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        vm.transpose(),
+        e.as_ref(),
+        1.0,
+        Par::Seq,
+    );
     out
 }
 
@@ -62,38 +69,34 @@ impl TailReference {
             .max()
             .unwrap_or(0)
             .min(bias.len());
-        let mut e = logits(&q, &k[..seen * d], d, scale);
+        let mut e = logits(&k[..seen * d], &q, d, scale);
         let rows = pos.len();
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut rest_sum = vec![0f32; rows];
         let mut total = vec![0f32; rows];
-        let mut mid = Mat::<f32>::zeros(rows, hi - lo);
+        let mut mid = Mat::<f32>::zeros(hi - lo, rows);
         for (i, &p) in pos.iter().enumerate() {
-            for j in 0..seen {
-                e[(i, j)] = if j <= p {
-                    e[(i, j)] + bias[j]
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max[i] = max[i].max(e[(i, j)]);
+            let col = e.col_as_slice_mut(i);
+            let visible = (p + 1).min(seen);
+            for (x, &b) in col.iter_mut().zip(bias).take(visible) {
+                *x += b;
             }
-            for j in 0..seen {
-                let x = (e[(i, j)] - max[i]).exp();
-                total[i] += x;
-                if (lo..hi).contains(&j) {
-                    mid[(i, j - lo)] = x;
-                    e[(i, j)] = 0.0;
-                } else {
-                    rest_sum[i] += x;
-                    e[(i, j)] = x;
-                }
+            col[visible..].fill(f32::NEG_INFINITY);
+            let m = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in col.iter_mut() {
+                *x = (*x - m).exp();
             }
+            total[i] = col.iter().sum();
+            mid.col_as_slice_mut(i).copy_from_slice(&col[lo..hi]);
+            col[lo..hi].fill(0.0);
+            rest_sum[i] = col.iter().sum();
+            max[i] = m;
         }
-        let rest_numer = times(&e, &v[..seen * d], d);
-        let mut output = times(&mid, &v[lo * d..hi * d], d);
+        let rest_numer = numerators(&v[..seen * d], &e, d);
+        let mut output = numerators(&v[lo * d..hi * d], &mid, d);
         for i in 0..rows {
             for c in 0..d {
-                output[(i, c)] = (output[(i, c)] + rest_numer[(i, c)]) / total[i];
+                output[(c, i)] = (output[(c, i)] + rest_numer[(c, i)]) / total[i];
             }
         }
         Self {
@@ -111,21 +114,21 @@ impl TailReference {
     /// middle replaced by keys `k [t, d]`, biases `[t]` and values `[t, d]`.
     pub fn error(&self, k: &[f32], bias: &[f32], values: &[f32]) -> f64 {
         let d = self.d;
-        let mut e = logits(&self.q, k, d, self.scale);
+        let mut e = logits(k, &self.q, d, self.scale);
         let mut sum = self.rest_sum.clone();
         for (i, s) in sum.iter_mut().enumerate() {
-            for (j, &b) in bias.iter().enumerate() {
-                let x = (e[(i, j)] + b - self.max[i]).exp();
-                e[(i, j)] = x;
-                *s += x;
+            let col = e.col_as_slice_mut(i);
+            for (x, &b) in col.iter_mut().zip(bias) {
+                *x = (*x + b - self.max[i]).exp();
             }
+            *s += col.iter().sum::<f32>();
         }
-        let numer = times(&e, values, d);
+        let numer = numerators(values, &e, d);
         let (mut num, mut den) = (0f64, 0f64);
         for (i, &s) in sum.iter().enumerate() {
             for c in 0..d {
-                let o = self.output[(i, c)] as f64;
-                let got = ((numer[(i, c)] + self.rest_numer[(i, c)]) / s) as f64;
+                let o = self.output[(c, i)] as f64;
+                let got = ((numer[(c, i)] + self.rest_numer[(c, i)]) / s) as f64;
                 num += (got - o).powi(2);
                 den += o * o;
             }
