@@ -39,8 +39,8 @@ p.add_argument(
     "--settings",
     default="default",
     help="comma list: default (off-policy max-score selection; biases w >= 1 and values "
-    "with ridge 1 from 4x to 16x, checked on the context's tail: see docs/compaction.md), "
-    "no-tail (the same without the tail check), values (the same selection, values "
+    "with ridge 1 from 4x to 16x: see docs/compaction.md), "
+    "tail (the same with tail_check=64), values (the same selection, values "
     "only with ridge 10: the default of 2026-11-26) and/or on-policy (root-mean-square "
     "scores, on-policy fits, held-out ridge, values only: the default before that)",
 )
@@ -93,9 +93,9 @@ def reference_flops(n: int, d: int, g: int, suffix: int, kept: float, mq: int) -
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
-    # The default without the tail check (each head's biases weighed on the context's last
-    # queries against a values-only fit): the default before 2026-11-27 (later).
-    "no-tail": {"tail_check": 0},
+    # The default plus the tail check (each head's biases weighed on the context's last 64
+    # queries against a values-only fit; an option, docs/results/tail-check).
+    "tail": {"tail_check": 64},
     # The default of 2026-11-26: the same selection, values only (no bias NNLS), ridge 10.
     "values": {"fit": "values", "ridge": 10.0},
     "on-policy": {"score": "rms", "on_policy": True, "ridge": None, "fit": "values"},

@@ -59,8 +59,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # with ridge 1, values only outside.
     "am": {"method": "am"},
     "am fit=values ridge=10 (default of 2026-11-26)": PREVIOUS,
-    # The default before 2026-11-27 (later): no check of the biases on the context's tail.
-    "am tail_check=0": {"method": "am", "tail_check": 0},
+    # The default with each head's biases checked on the context's last 64 queries (an option).
+    "am tail_check=64": {"method": "am", "tail_check": 64},
     "am queries=self-study": {"method": "am", **STUDY},
     "am queries=repeat": {"method": "am", **BEFORE, "queries": "repeat"},
     "am queries=repeat+self-study": {"method": "am", **BEFORE, "queries": "repeat+self-study"},

@@ -255,7 +255,7 @@ def test_tail_check_gives_some_heads_the_values_only_fit_and_leaves_the_rest(
 
     prefilled(session)
     tail_before = [[k[-16:] for k, _, _ in layer] for layer in heads()]
-    plain = session.compact(budget=48, recent=16, fit="am", tail_check=0)
+    plain = session.compact(budget=48, recent=16, fit="am")  # the default: no check
     biased = heads()
     session.reset()
     prefilled(session)
@@ -263,7 +263,7 @@ def test_tail_check_gives_some_heads_the_values_only_fit_and_leaves_the_rest(
     values_only = heads()
     session.reset()
     prefilled(session)
-    checked = session.compact(budget=48, recent=16, fit="am")  # the default: tail_check=64
+    checked = session.compact(budget=48, recent=16, fit="am", tail_check=64)
     got = heads()
     assert not any(x for layer in plain.tail_values_only for x in layer)
     flags = checked.tail_values_only

@@ -123,7 +123,7 @@ class Engine:
         shared_mad: float | None = None,
         chunk_size: int = 4096,
         head_floor: float = 0.0,
-        tail_check: int = 64,
+        tail_check: int = 0,
     ) -> dict[str, Any]:
         """Compact the cache to `budget` keys per head on average; returns a report dict
         (tokens_before/after per [layer][head], bytes_before/after, seconds_queries,

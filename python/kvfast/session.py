@@ -342,7 +342,7 @@ class Session:
         task_threshold: float | None = 3.0,
         chunk_size: int = 4096,
         head_floor: float = 0.0,
-        tail_check: int = 64,
+        tail_check: int = 0,
     ) -> CompactionReport:
         """Shrink the cache to `budget` keys per (layer, KV head) on average, or by `ratio`.
 
@@ -382,13 +382,12 @@ class Session:
         fitted values towards the kept keys' own values (relative to the problem's scale; 1 by
         default); None picks it per head on held-out reference queries.
         Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
-        mass and output), which bounds the fit's memory on long contexts. `tail_check` (when
-        biases are fitted, on a full-precision cache): re-runs the context's last
-        `min(tail_check, recent)` tokens in place (their keys and values are restored) and
-        gives each head whose biases make those queries' attention worse than the values-only
-        fit with ridge 10 that fit instead (the report's `tail_values_only`; 0: no check):
-        continuation queries do not copy the context as the repeat prompt's do
-        (docs/compaction.md).
+        mass and output), which bounds the fit's memory on long contexts. `tail_check=n` (0, the
+        default: off; when biases are fitted, on a full-precision cache): re-runs the context's
+        last `min(n, recent)` tokens in place (their keys and values are restored) and gives
+        each head whose biases make those queries' attention worse than the values-only fit
+        with ridge 10 that fit instead (the report's `tail_values_only`): continuation queries
+        do not copy the context as the repeat prompt's do (docs/results/tail-check).
         Tokens added later get bias 0 and positions continuing the original context. Bad
         arguments raise ValueError and leave the cache unchanged.
         """

@@ -306,7 +306,7 @@ impl Engine {
                         recent = 64, head_budgets = None, fit = "am", layers = None, seed = 0,
                         score = "max", ridge = Some(DEFAULT_RIDGE), max_queries = 4096, on_policy = false,
                         window = 64, kernel = 5, beta_bounds = Some(DEFAULT_BETA_BOUNDS), weighted = true, beta_prior = 0.0,
-                        shared_mad = None, chunk_size = 4096, head_floor = 0.0, tail_check = 64))]
+                        shared_mad = None, chunk_size = 4096, head_floor = 0.0, tail_check = 0))]
     fn compact<'py>(
         &mut self,
         py: Python<'py>,

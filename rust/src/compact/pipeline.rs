@@ -205,7 +205,7 @@ impl Options {
             shared_mad: None,
             chunk: 4096,
             head_floor: 0.0,
-            tail_check: 64,
+            tail_check: 0,
         }
     }
 
