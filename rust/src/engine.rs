@@ -603,7 +603,7 @@ impl Engine {
         // and values are put back as they were, not as the re-run rounds them. A quantized
         // cache's tail may be partly quantized, so it is not checked.
         let tail_tokens = match self.cache.quant() {
-            None if opts.fits() => opts.tail_check.min(opts.recent).min(self.exact_tail),
+            None if opts.checks_tail() => opts.tail_check.min(opts.recent).min(self.exact_tail),
             _ => 0,
         };
         let tail_q = if tail_tokens > 0 {

@@ -150,6 +150,30 @@ pub fn logits_t_into(out: &mut Vec<f32>, q: &[f32], k: &[f32], bias: &[f32], d: 
     );
 }
 
+/// `exp(q . k_j * scale + b_j - max_r)` of every key of `k [n, d]` (biases `bias`) for each
+/// query row `r` of `q [m, d]`: `[n, m]` column-major, each query in the units of its own
+/// max over everything it sees (`max[r]`), as [`Block::from_exp`] and [`Block::from_pass`]
+/// take them.
+pub fn numerators(
+    q: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    max: &[f32],
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut e = Vec::new();
+    logits_t_into(&mut e, q, k, bias, d, scale);
+    if !bias.is_empty() {
+        e.par_chunks_mut(bias.len())
+            .zip(max)
+            .for_each(|(col, &mx)| {
+                crate::compact::exp::exp_shifted(col, mx);
+            });
+    }
+    e
+}
+
 fn logits_into(mut out: MatMut<f32>, q: &[f32], k: &[f32], bias: &[f32], d: usize, scale: f32) {
     let (n, m) = out.shape();
     let kr = MatRef::from_row_major_slice(k, n, d);

@@ -22,7 +22,8 @@ use crate::cache::KvCache;
 use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
 use crate::compact::fit::{
-    logits_t_into, rescale_to_block_max, Block, Fidelity, FitParams, HeadFit, DEFAULT_RIDGE,
+    logits_t_into, numerators, rescale_to_block_max, Block, Fidelity, FitParams, HeadFit,
+    DEFAULT_RIDGE,
 };
 use crate::compact::score_pass::MiddleTargets;
 use crate::compact::select::{
@@ -220,6 +221,12 @@ impl Options {
     /// key's numerators).
     pub fn fits_from_pass_targets(&self) -> bool {
         self.fit_params.weighted && self.method != Method::AmOmp
+    }
+
+    /// Whether this run checks each head's biases on the context's last queries
+    /// ([`Options::tail_check`]): only fits with biases have something to check.
+    pub fn checks_tail(&self) -> bool {
+        self.tail_check > 0 && self.method.is_am() && matches!(self.fit, Fit::Am | Fit::Beta)
     }
 
     pub fn pool(&self) -> Pool {
@@ -646,48 +653,41 @@ impl ChunkErrors {
     }
 }
 
-/// `exp(q . k_j * scale + b_j - max_r)` of every key of `k [n, d]` (biases `bias`) for each
-/// query row `r` of `q [m, d]`: `[n, m]` column-major, each query in the units of its own
-/// max over everything it sees (`max[r]`), as [`Block::from_exp`] and [`Block::from_pass`]
-/// take them.
-fn numerators(q: &[f32], k: &[f32], bias: &[f32], max: &[f32], d: usize, scale: f32) -> Vec<f32> {
-    let mut e = Vec::new();
-    logits_t_into(&mut e, q, k, bias, d, scale);
-    if !bias.is_empty() {
-        e.par_chunks_mut(bias.len())
-            .zip(max)
-            .for_each(|(col, &mx)| {
-                exp_shifted(col, mx);
-            });
-    }
-    e
-}
-
 /// A head's new rows (keys, values, biases), or why it stays as it is.
 type Rewrite = std::result::Result<(Vec<f32>, Vec<f32>, Vec<f32>, HeadOutcome), HeadOutcome>;
 
-/// One fit chunk of a head's middle: its first key, the kept keys (chunk-relative), the fit
-/// and, with the tail check, the values-only fit it is weighed against; unfitted, the fidelity
-/// of the keys as they are.
-type Piece = (
-    usize,
-    Vec<u32>,
-    Option<HeadFit>,
-    Option<HeadFit>,
-    Option<Fidelity>,
-);
+/// One fit chunk of a head's middle.
+struct Piece {
+    /// The chunk's first key and its length.
+    start: usize,
+    len: usize,
+    /// Its kept keys, chunk-relative.
+    kept: Vec<u32>,
+    /// The fit and, with the tail check, the values-only fit it is weighed against.
+    fit: Option<HeadFit>,
+    alternative: Option<HeadFit>,
+    /// Unfitted: the fidelity of the kept keys as they are.
+    raw: Option<Fidelity>,
+}
 
-/// The middle a head keeps: keys, biases and values `[t, d]` of every piece, from its fit
-/// (`alt`: the values-only one where there is one) or as they were.
+impl Piece {
+    /// The fit this piece keeps (`alt`: the values-only one where there is one).
+    fn chosen(&self, alt: bool) -> Option<&HeadFit> {
+        match &self.alternative {
+            Some(a) if alt => Some(a),
+            _ => self.fit.as_ref(),
+        }
+    }
+}
+
+/// The middle a head keeps: keys, biases and values `[t, d]` of every piece, from its chosen
+/// fit or as they were.
 fn middle_of(pieces: &[Piece], alt: bool, s: &Scored, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (mut k, mut b, mut v) = (Vec::new(), Vec::new(), Vec::new());
-    for (c0, kept, fitted, alternative, _) in pieces {
-        let fit = match alternative {
-            Some(a) if alt => Some(a),
-            _ => fitted.as_ref(),
-        };
-        for (i, &j) in kept.iter().enumerate() {
-            let j = c0 + j as usize;
+    for p in pieces {
+        let fit = p.chosen(alt);
+        for (i, &j) in p.kept.iter().enumerate() {
+            let j = p.start + j as usize;
             k.extend(&s.k[j * d..(j + 1) * d]);
             match fit {
                 Some(f) => {
@@ -753,7 +753,7 @@ pub fn apply_layer(
                 tail_values_only: false,
             };
             let mut pieces: Vec<Piece> = Vec::new();
-            let check_tail = s.tail_q.is_some() && matches!(opts.fit, Fit::Am | Fit::Beta);
+            let check_tail = s.tail_q.is_some();
             let mut fit_e = s.fit_e.take();
             for c0 in (lo..hi).step_by(opts.chunk.max(1)) {
                 let c1 = (c0 + opts.chunk.max(1)).min(hi);
@@ -832,44 +832,40 @@ pub fn apply_layer(
                     Some(b) => (None, None, Some(b.raw_fidelity(&kept, cv, d)?)),
                     None => (None, None, None),
                 };
-                pieces.push((c0, kept, fitted, alternative, raw));
+                pieces.push(Piece {
+                    start: c0,
+                    len: c1 - c0,
+                    kept,
+                    fit: fitted,
+                    alternative,
+                    raw,
+                });
             }
             // The tail check: the context's last queries judge both fits over the whole middle.
-            let use_alternative = match (&s.tail_q, check_tail) {
-                (Some((tq, tokens)), true) => {
-                    let (rows, tokens, ctx) = (tq.len() / d, *tokens, s.n - s.extra);
-                    let pos: Vec<usize> = (0..rows).map(|i| ctx - tokens + i % tokens).collect();
-                    let reference = TailReference::new(
-                        tq.clone(),
-                        &pos,
-                        (&s.k, &s.v, &s.bias),
-                        (lo, hi),
-                        d,
-                        scale,
-                    );
-                    let (k1, b1, v1) = middle_of(&pieces, false, &s, d);
-                    let (k2, b2, v2) = middle_of(&pieces, true, &s, d);
-                    reference.error(&k2, &b2, &v2) < reference.error(&k1, &b1, &v1)
-                }
-                _ => false,
-            };
-            outcome.tail_values_only = use_alternative;
-            let mut errs = ChunkErrors::default();
-            for (c0, _, fitted, alternative, raw) in &pieces {
-                let c1 = (c0 + opts.chunk.max(1)).min(hi);
-                let chosen = match alternative {
-                    Some(a) if use_alternative => Some(a),
-                    _ => fitted.as_ref(),
-                };
-                if let Some(f) = chosen {
-                    outcome.nnls_converged &= f.nnls_converged;
-                    errs.add(f.fidelity, c1 - c0);
-                }
-                if let Some(r) = raw {
-                    errs.add(*r, c1 - c0);
+            let mut middle = middle_of(&pieces, false, &s, d);
+            if let Some((tq, tokens)) = s.tail_q.take() {
+                let (rows, ctx) = (tq.len() / d, s.n - s.extra);
+                let pos: Vec<usize> = (0..rows).map(|i| ctx - tokens + i % tokens).collect();
+                let reference =
+                    TailReference::new(tq, &pos, (&s.k, &s.v, &s.bias), (lo, hi), d, scale);
+                let alternative = middle_of(&pieces, true, &s, d);
+                let (k, b, v) = &middle;
+                let (_, b2, v2) = &alternative;
+                if reference.error(k, b2, v2) < reference.error(k, b, v) {
+                    (middle, outcome.tail_values_only) = (alternative, true);
                 }
             }
-            let (mid_k, mid_b, mid_v) = middle_of(&pieces, use_alternative, &s, d);
+            let mut errs = ChunkErrors::default();
+            for p in &pieces {
+                if let Some(f) = p.chosen(outcome.tail_values_only) {
+                    outcome.nnls_converged &= f.nnls_converged;
+                    errs.add(f.fidelity, p.len);
+                }
+                if let Some(r) = p.raw {
+                    errs.add(r, p.len);
+                }
+            }
+            let (mid_k, mid_b, mid_v) = middle;
             let mut new_k = [&s.k[..lo * d], &mid_k].concat();
             let mut new_v = [&s.v[..lo * d], &mid_v].concat();
             let mut new_b = [&s.bias[..lo], &mid_b].concat();

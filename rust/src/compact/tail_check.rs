@@ -6,50 +6,22 @@
 //! the target, and a candidate fit is judged by the error of that attention with the middle
 //! replaced.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatRef};
+
+use crate::compact::exp::{exp_from_max, sum};
+use crate::compact::fit::{logits_t_into, numerators, weighted_values_into};
 
 /// The tail queries' exact attention over one head whose middle `[lo, hi)` is being replaced:
-/// per query its max logit, the softmax sum and numerator of the keys outside the middle that
-/// it sees (causal), and the whole output. Matrices are stored one query per column.
+/// per query its max logit, the softmax sum and output part of the keys outside the middle
+/// that it sees (causal), and the whole output (`[d, rows]`, a column per query).
 pub struct TailReference {
     d: usize,
     scale: f32,
     q: Vec<f32>,
     max: Vec<f32>,
-    rest_sum: Vec<f32>,
+    rest_sum: Vec<f64>,
     rest_numer: Mat<f32>,
     output: Mat<f32>,
-}
-
-/// `scale * k qᵀ` for `k [t, d]` and `q [rows, d]`, row-major: `[t, rows]`, a column per query.
-fn logits(k: &[f32], q: &[f32], d: usize, scale: f32) -> Mat<f32> {
-    let (rows, t) = (q.len() / d, k.len() / d);
-    let mut out = Mat::<f32>::zeros(t, rows);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        MatRef::from_row_major_slice(k, t, d),
-        MatRef::from_row_major_slice(q, rows, d).transpose(),
-        scale,
-        Par::Seq,
-    );
-    out
-}
-
-/// `vᵀ e` for `v [t, d]` row-major and `e [t, rows]`: `[d, rows]`.
-fn numerators(v: &[f32], e: &Mat<f32>, d: usize) -> Mat<f32> {
-    let mut out = Mat::<f32>::zeros(d, e.ncols());
-    let vm = MatRef::from_row_major_slice(v, v.len() / d, d);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        vm.transpose(),
-        e.as_ref(),
-        1.0,
-        Par::Seq,
-    );
-    out
 }
 
 impl TailReference {
@@ -63,41 +35,32 @@ impl TailReference {
         d: usize,
         scale: f32,
     ) -> Self {
+        let rows = pos.len();
         let seen = pos
             .iter()
             .map(|&p| p + 1)
             .max()
             .unwrap_or(0)
             .min(bias.len());
-        let mut e = logits(&k[..seen * d], &q, d, scale);
-        let rows = pos.len();
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut rest_sum = vec![0f32; rows];
-        let mut total = vec![0f32; rows];
-        let mut mid = Mat::<f32>::zeros(hi - lo, rows);
-        for (i, &p) in pos.iter().enumerate() {
-            let col = e.col_as_slice_mut(i);
-            let visible = (p + 1).min(seen);
-            for (x, &b) in col.iter_mut().zip(bias).take(visible) {
-                *x += b;
-            }
-            col[visible..].fill(f32::NEG_INFINITY);
-            let m = col.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for x in col.iter_mut() {
-                *x = (*x - m).exp();
-            }
-            total[i] = col.iter().sum();
-            mid.col_as_slice_mut(i).copy_from_slice(&col[lo..hi]);
-            col[lo..hi].fill(0.0);
-            rest_sum[i] = col.iter().sum();
-            max[i] = m;
+        let mut e = Vec::new();
+        logits_t_into(&mut e, &q, &k[..seen * d], &bias[..seen], d, scale);
+        let (mut max, mut rest_sum, mut total) =
+            (vec![0f32; rows], vec![0f64; rows], vec![0f64; rows]);
+        for (i, col) in e.chunks_exact_mut(seen).enumerate() {
+            // Causal: the keys after the query's own position weigh nothing.
+            let visible = (pos[i] + 1).min(seen);
+            (max[i], total[i]) = exp_from_max(&mut col[..visible]);
+            col[visible..].fill(0.0);
+            rest_sum[i] = total[i] - sum(&col[lo..hi]);
         }
-        let rest_numer = numerators(&v[..seen * d], &e, d);
-        let mut output = numerators(&v[lo * d..hi * d], &mid, d);
-        for i in 0..rows {
-            for c in 0..d {
-                output[(c, i)] = (output[(c, i)] + rest_numer[(c, i)]) / total[i];
-            }
+        let em = MatRef::from_column_major_slice(&e, seen, rows);
+        let mut rest_numer = Mat::<f32>::zeros(d, rows);
+        weighted_values_into(rest_numer.as_mut(), v, em, 0..lo, Accum::Replace);
+        weighted_values_into(rest_numer.as_mut(), v, em, hi..seen, Accum::Add);
+        let mut output = rest_numer.clone();
+        weighted_values_into(output.as_mut(), v, em, lo..hi, Accum::Add);
+        for (i, &z) in total.iter().enumerate() {
+            output.col_mut(i).iter_mut().for_each(|x| *x /= z as f32);
         }
         Self {
             d,
@@ -113,23 +76,17 @@ impl TailReference {
     /// Relative error (`||o' - o|| / ||o||` over all tail queries) of the attention with the
     /// middle replaced by keys `k [t, d]`, biases `[t]` and values `[t, d]`.
     pub fn error(&self, k: &[f32], bias: &[f32], values: &[f32]) -> f64 {
-        let d = self.d;
-        let mut e = logits(k, &self.q, d, self.scale);
-        let mut sum = self.rest_sum.clone();
-        for (i, s) in sum.iter_mut().enumerate() {
-            let col = e.col_as_slice_mut(i);
-            for (x, &b) in col.iter_mut().zip(bias) {
-                *x = (*x + b - self.max[i]).exp();
-            }
-            *s += col.iter().sum::<f32>();
-        }
-        let numer = numerators(values, &e, d);
+        let (d, t, rows) = (self.d, bias.len(), self.max.len());
+        let e = numerators(&self.q, k, bias, &self.max, d, self.scale);
+        let mut numer = self.rest_numer.clone();
+        let em = MatRef::from_column_major_slice(&e, t, rows);
+        weighted_values_into(numer.as_mut(), values, em, 0..t, Accum::Add);
         let (mut num, mut den) = (0f64, 0f64);
-        for (i, &s) in sum.iter().enumerate() {
+        for i in 0..rows {
+            let z = self.rest_sum[i] + sum(&e[i * t..(i + 1) * t]);
             for c in 0..d {
                 let o = self.output[(c, i)] as f64;
-                let got = ((numer[(c, i)] + self.rest_numer[(c, i)]) / s) as f64;
-                num += (got - o).powi(2);
+                num += (numer[(c, i)] as f64 / z - o).powi(2);
                 den += o * o;
             }
         }
