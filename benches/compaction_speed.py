@@ -41,8 +41,10 @@ p.add_argument(
     help="comma list: default (off-policy max-score selection; biases w >= 1 and values "
     "with ridge 1 from 4x to 16x: see docs/compaction.md), "
     "tail (the same with tail_check=64), values (the same selection, values "
-    "only with ridge 10: the default of 2026-11-26) and/or on-policy (root-mean-square "
-    "scores, on-policy fits, held-out ridge, values only: the default before that)",
+    "only with ridge 10: the default of 2026-11-26), on-policy (root-mean-square "
+    "scores, on-policy fits, held-out ridge, values only: the default before that) "
+    "and/or default-on-policy (the default's selection and fit in the paper's on-policy "
+    "order)",
 )
 p.add_argument("--repeats", type=int, default=1, help="compactions per row (median reported)")
 p.add_argument("--small", type=Path, default=SHARED / "models" / "qwen3-small")
@@ -99,6 +101,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # The default of 2026-11-26: the same selection, values only (no bias NNLS), ridge 10.
     "values": {"fit": "values", "ridge": 10.0},
     "on-policy": {"score": "rms", "on_policy": True, "ridge": None, "fit": "values"},
+    # The default's selection and fit in the paper's on-policy order.
+    "default-on-policy": {"on_policy": True},
 }
 
 

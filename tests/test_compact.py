@@ -107,20 +107,24 @@ def test_default_fit_raises_kept_keys_from_4x_to_16x_and_fits_values_outside(
     ids = prefilled(session)
     r = session.compact(ratio=ratio, sink=2, recent=2)
     assert r.fit == fit
+    # The ridge follows the fit: light with biases, firm for values alone.
+    assert r.ridge == {"am": 1.0, "values": 10.0}[fit]
     b = _biases(session)
     assert b.min() >= -1e-6, "the default bounds never lower a kept key"
     if fit == "am":
         assert b.max() > 1e-3
     else:
         assert np.all(b == 0)
-    # The same fit named explicitly gives the same cache.
+    # The default is that fit with that ridge (the same cache), and not with the other ridge.
     heads = range(session.cache_info()["kv_heads"])
     kept = [session.engine.head_cache(0, h)[1] for h in heads]
-    session.reset()
-    session.prefill(ids, logits=None)
-    session.compact(ratio=ratio, sink=2, recent=2, fit=fit)
-    for h in heads:
-        np.testing.assert_array_equal(session.engine.head_cache(0, h)[1], kept[h])
+    for ridge, same in ((r.ridge, True), (11.0 - r.ridge, False)):
+        session.reset()
+        session.prefill(ids, logits=None)
+        o = session.compact(ratio=ratio, sink=2, recent=2, fit=fit, ridge=ridge)
+        assert o.ridge == ridge
+        got = [session.engine.head_cache(0, h)[1] for h in heads]
+        assert all(np.array_equal(a, b) for a, b in zip(got, kept, strict=True)) == same
 
 
 def test_fitted_biases_stay_in_bounds_given_as_a_list(session: Session) -> None:
@@ -323,6 +327,8 @@ def test_task_guided_compaction_shares_one_selection_per_layer(session: Session)
         ({"ratio": 2, "method": "magic"}, "unknown method"),
         ({"ratio": 2, "queries": "oracle"}, "unknown query source"),
         ({"ratio": 2, "fit": "weights"}, "fit must be"),
+        ({"ratio": 2, "ridge": "firm"}, "ridge must be"),
+        ({"ratio": 2, "ridge": -1.0}, "ridge must be"),
         ({"ratio": 2, "head_budgets": "nonsense"}, "is not"),
         ({"ratio": 2, "layers": [7]}, "layers"),
         ({"ratio": 2, "beta_bounds": (3.0, -3.0)}, "beta_bounds"),

@@ -55,6 +55,9 @@ def test_method_specs_parse_options_and_reject_typos() -> None:
     full, am = parse_methods("full, am:queries=context:head_budgets=uniform:ridge=none")
     assert full.is_full and am.method == "am"
     assert am.options == {"queries": "context", "head_budgets": "uniform", "ridge": None}
+    # ridge defaults to the word "auto" but takes numbers.
+    ridges = parse_methods("am:ridge=10,am:ridge=0.5,am:ridge=auto")
+    assert [m.options["ridge"] for m in ridges] == [10, 0.5, "auto"]
     with pytest.raises(ValueError, match="unknown method 'amm'"):
         parse_methods("amm")
     with pytest.raises(ValueError, match="bad option 'querys=context'"):

@@ -22,6 +22,12 @@ FITS = ("auto", "am", "values", "beta", "none")
 #: the mass equations of ~1000 kept keys per head are too loosely determined (needles lost,
 #: and the solve is slow) (docs/compaction.md).
 AUTO_BIAS_RATIOS = (4.0, 16.0)
+#: `ridge="auto"`: the value ridge for each fit. With biases, a light pull (1): they restore the
+#: mass and the values must follow them (ridge 10 left the block's output error above every
+#: baseline's). Values alone, a firm pull (10): on 24 paired WikiText-2 windows at 32x ridge 1
+#: cost +0.64% perplexity against KVzip (3 standard errors), ridge 10 -0.03%
+#: (docs/results/am-vs-kvzip).
+AUTO_RIDGE = {"am": 1.0, "beta": 1.0, "values": 10.0, "none": 1.0}
 #: The instruction of the "repeat" reference queries (the paper's context-reconstruction task).
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
 # Self-study (queries="self-study"): the model answers these about the context on a scratch
@@ -49,6 +55,9 @@ class CompactionReport:
     budget: int
     #: The fit that ran (`fit="auto"` resolved; ignored by the baselines).
     fit: str
+    #: The value fit's ridge (`ridge="auto"` resolved; None: chosen per head on held-out
+    #: queries).
+    ridge: float | None
     tokens_per_head_before: list[list[int]]
     tokens_per_head_after: list[list[int]]
     bytes_before: int
@@ -107,11 +116,14 @@ class CompactionReport:
         )
 
     @classmethod
-    def from_native(cls, method: str, budget: int, fit: str, d: dict[str, Any]) -> CompactionReport:
+    def from_native(
+        cls, method: str, budget: int, fit: str, ridge: float | None, d: dict[str, Any]
+    ) -> CompactionReport:
         return cls(
             method=method,
             budget=budget,
             fit=fit,
+            ridge=ridge,
             tokens_per_head_before=d["tokens_before"],
             tokens_per_head_after=d["tokens_after"],
             bytes_before=d["bytes_before"],

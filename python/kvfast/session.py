@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from kvfast import _native, chat, gguf
 from kvfast.compaction import (
     AUTO_BIAS_RATIOS,
+    AUTO_RIDGE,
     FITS,
     METHODS,
     QUERY_SOURCES,
@@ -335,7 +336,7 @@ class Session:
         seed: int = 0,
         score: str = "max",
         max_queries: int = 4096,
-        ridge: float | None = 1.0,
+        ridge: float | Literal["auto"] | None = "auto",
         on_policy: bool = False,
         beta_bounds: tuple[float, float] | None = (0.0, 3.0),
         beta_prior: float = 0.0,
@@ -351,8 +352,8 @@ class Session:
         them (`score="max"`; "rms" is the paper's), selected off-policy (`on_policy=False`: one
         pass of the reference queries over the original cache), then from 4x to 16x
         (`fit="auto"`) the paper's fit with biases that only raise kept keys
-        (`beta_bounds=(0, 3)`) and values pulled lightly to the kept ones (`ridge=1`); outside
-        that range the values alone. The paper's
+        (`beta_bounds=(0, 3)`) and values pulled lightly to the kept ones (ridge 1); outside
+        that range the values alone, pulled firmly (ridge 10). The paper's
         setting is `score="rms", on_policy=True, fit="am", ridge=None, beta_bounds=(-3, 3)`.
         `method`: "am" (Attention Matching: keys with the highest attention from reference
         queries, values by least squares on the attention output and, with `fit="am"`, biases
@@ -379,8 +380,9 @@ class Session:
         (beta = 0), "beta" or "none" (ablations). `sink` first and `recent` last tokens stay exact.
         `beta_bounds` keeps the fitted log-weights in a range (None: exact NNLS; the default
         (0, 3) never lowers a kept key) and `beta_prior` pulls them to 0. `ridge` pulls the
-        fitted values towards the kept keys' own values (relative to the problem's scale; 1 by
-        default); None picks it per head on held-out reference queries.
+        fitted values towards the kept keys' own values (relative to the problem's scale;
+        "auto", the default: 1 with biases, 10 for values alone; the report's `ridge` says
+        which); None picks it per head on held-out reference queries.
         Each head's middle is fitted in chunks of `chunk_size` keys (each chunk matches its own
         mass and output), which bounds the fit's memory on long contexts. `tail_check=n` (0, the
         default: off; when biases are fitted, on a full-precision cache): re-runs the context's
@@ -399,6 +401,8 @@ class Session:
             )
         if fit not in FITS:
             raise ValueError(f"fit must be one of {', '.join(map(repr, FITS))}, got {fit!r}")
+        if isinstance(ridge, str) and ridge != "auto":
+            raise ValueError(f'ridge must be a number, "auto" or None, got {ridge!r}')
         ints = (("sink", sink), ("recent", recent), ("seed", seed), ("tail_check", tail_check))
         for name, v in ints:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -456,6 +460,8 @@ class Session:
         if fit == "auto":
             lo, hi = AUTO_BIAS_RATIOS
             fit = "am" if lo <= (ratio or mean / budget) <= hi else "values"
+        if ridge == "auto":
+            ridge = AUTO_RIDGE[fit]
         suffix: list[int] | None = None
         generating = 0.0
         is_am = method in ("am", "am-omp")
@@ -500,7 +506,7 @@ class Session:
         )
         # Generating the self-study turns is part of making the reference queries.
         report["seconds_queries"] += generating
-        return CompactionReport.from_native(method, budget, fit, report)
+        return CompactionReport.from_native(method, budget, fit, ridge, report)
 
     def _prompt_ids(self, text: str) -> list[int]:
         """`text` as a user turn (chat-formatted when the model has a template)."""

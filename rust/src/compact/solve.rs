@@ -1,7 +1,8 @@
 //! The solves of an Attention-Matching fit, in f64 on faer:
 //! - [`nnls`]: min ||A w - b||^2 subject to w >= 0, by Lawson-Hanson's active-set method on the
 //!   normal equations (G = A^T A, h = A^T b), with a KKT convergence test;
-//! - [`box_lstsq`]: the same within bounds, by accelerated projected gradient;
+//! - [`box_lstsq`]: the same within bounds, by accelerated projected gradient and an exact
+//!   solve on the face it settles on;
 //! - [`ridge_lstsq`]: min ||P X - Y||_F^2 + lambda ||X - A||_F^2 by Cholesky of P^T P + lambda I
 //!   (`A` an optional anchor, 0 without one).
 //!
@@ -136,8 +137,19 @@ pub fn nnls(g: &[f64], h: &[f64], t: usize, max_iter: usize) -> Result<Nnls> {
 }
 
 /// Box-constrained least squares on the normal equations: min 1/2 w'Gw - h'w subject to
-/// `lo <= w <= hi`, by accelerated projected gradient (FISTA with restarts) from `w0`. Converged
-/// when the projected gradient is below `1e-9 * max|h|` in every coordinate (the KKT test).
+/// `lo <= w <= hi`, by accelerated projected gradient (FISTA with restarts) from `w0`, with an
+/// exact solve on the face the steps settle on (below). Converged when the
+/// projected gradient is below `1e-9 * max|h|` in every coordinate (the KKT test).
+///
+/// The face solve: the weights at a bound whose gradient pushes them out stay there, the
+/// others solve their own normal equations by Cholesky, and the move towards that point is
+/// projected back into the box and halved until the objective drops. Projected gradient finds
+/// which weights sit at a bound in a few dozen steps but then creeps towards the optimum in
+/// the rest (a 2k-key head stopped at the 500-step cap 5e-5 short of the test); once the face
+/// is right one solve lands on it. Only faces of up to [`FACE_MAX_FREE`] free weights are
+/// solved: beyond that the Cholesky costs what the steps it saves do, and the fit got no
+/// faster either way (docs/results/compaction-qwen3-small.md); what it buys is the exact
+/// solution on the heads below that size.
 pub fn box_lstsq(
     g: &[f64],
     h: &[f64],
@@ -199,9 +211,25 @@ pub fn box_lstsq(
         );
         (0..t).map(|i| gw[(i, 0)] as f64 - h[i]).collect()
     };
+    let projected = |w: &[f64], gw: &[f64]| -> f64 {
+        w.iter()
+            .zip(gw)
+            .map(|(&x, &g)| {
+                if x <= lo {
+                    g.min(0.0)
+                } else if x >= hi {
+                    g.max(0.0)
+                } else {
+                    g
+                }
+                .abs()
+            })
+            .fold(0f64, f64::max)
+    };
     let mut w: Vec<f64> = w0.iter().map(|&x| clamp(x)).collect();
     let mut y = w.clone();
     let mut momentum = 1f64;
+    let (mut last_held, mut last_face) = (Vec::new(), Vec::new());
     for it in 0..max_iter {
         let gy = if precise { grad(&y) } else { grad32(&y) };
         let next: Vec<f64> = y
@@ -229,21 +257,32 @@ pub fn box_lstsq(
             .collect();
         w = next;
         if it % 10 == 9 {
-            let gw = grad(&w);
-            let worst = w
-                .iter()
-                .zip(&gw)
-                .map(|(&x, &g)| {
-                    if x <= lo {
-                        g.min(0.0)
-                    } else if x >= hi {
-                        g.max(0.0)
-                    } else {
-                        g
+            let mut gw = grad(&w);
+            let mut worst = projected(&w, &gw);
+            if worst > tol {
+                // Solve on the face once the steps have all but stopped changing it
+                // (earlier, the solve lands on a face many weights are about to leave), and
+                // not twice on the same face: its solution depends on the face alone.
+                let now = held(&w, &gw, (lo, hi));
+                let moved = match last_held.len() {
+                    0 => t,
+                    _ => now.iter().zip(&last_held).filter(|(a, b)| a != b).count(),
+                };
+                let free = now.iter().filter(|&&x| !x).count();
+                if moved * FACE_SETTLED <= t && free <= FACE_MAX_FREE && now != last_face {
+                    if let Some((wf, gf)) = face_step(g, h, t, (lo, hi), &w, &gw, &now) {
+                        (w, gw) = (wf, gf);
+                        worst = projected(&w, &gw);
+                        // The momentum belongs to the path the face step left.
+                        y.clone_from(&w);
+                        momentum = 1.0;
                     }
-                    .abs()
-                })
-                .fold(0f64, f64::max);
+                    last_face = now;
+                    last_held = held(&w, &gw, (lo, hi));
+                } else {
+                    last_held = now;
+                }
+            }
             if worst <= tol {
                 return Ok(Nnls {
                     w,
@@ -259,6 +298,74 @@ pub fn box_lstsq(
         iterations: max_iter,
         converged: false,
     })
+}
+
+/// [`box_lstsq`] solves on the face when fewer than `t / FACE_SETTLED` weights joined or left
+/// it over the last 10 steps.
+const FACE_SETTLED: usize = 50;
+
+/// [`box_lstsq`] solves on faces of at most this many free weights: the Cholesky grows with
+/// their cube (23 ms at 1,000 on the dev machine, the cost of ~80 projected-gradient steps of
+/// a 1,000-key head), and larger faces rarely settle before the step cap.
+const FACE_MAX_FREE: usize = 512;
+
+/// The weights [`box_lstsq`] holds at a bound: there, with the gradient `gw = G w - h`
+/// pushing them out of the box.
+fn held(w: &[f64], gw: &[f64], (lo, hi): (f64, f64)) -> Vec<bool> {
+    w.iter()
+        .zip(gw)
+        .map(|(&x, &g)| (x <= lo && g >= 0.0) || (x >= hi && g <= 0.0))
+        .collect()
+}
+
+/// One face solve of [`box_lstsq`] from the feasible `w` with gradient `gw = G w - h`: the
+/// weights `held` ([`held`]) stay, the rest solve
+/// `G_FF x = h_F - G_FB w_B`, and `w + a (x - w)`, projected into the box, is taken for the
+/// largest `a` in 1, 1/2, ... 1/64 that lowers `1/2 w'Gw - h'w`. Returns the new point and its
+/// gradient, or None when no step lowers the objective (or the face system is singular).
+fn face_step(
+    g: &[f64],
+    h: &[f64],
+    t: usize,
+    (lo, hi): (f64, f64),
+    w: &[f64],
+    gw: &[f64],
+    held: &[bool],
+) -> Option<(Vec<f64>, Vec<f64>)> {
+    let free: Vec<usize> = (0..t).filter(|&i| !held[i]).collect();
+    if free.is_empty() {
+        return None;
+    }
+    // h_F - G_FB w_B = (h - G w)_F + G_FF w_F: the gradient already holds G w.
+    let mut rhs = vec![0f64; t];
+    for &i in &free {
+        rhs[i] = -gw[i] + free.iter().map(|&j| g[i * t + j] * w[j]).sum::<f64>();
+    }
+    let x = solve_sub(g, t, &rhs, &free)?;
+    let gm = MatRef::from_row_major_slice(g, t, t);
+    // With Gw = grad + h: f(w) = 1/2 w'Gw - h'w = 1/2 w'(grad - h).
+    let objective = |w: &[f64], gw: &[f64]| -> f64 {
+        0.5 * w
+            .iter()
+            .zip(gw.iter().zip(h))
+            .map(|(x, (g, h))| x * (g - h))
+            .sum::<f64>()
+    };
+    let f0 = objective(w, gw);
+    let mut a = 1f64;
+    for _ in 0..7 {
+        let mut next = w.to_vec();
+        for (&i, &xi) in free.iter().zip(&x) {
+            next[i] = (w[i] + a * (xi - w[i])).clamp(lo, hi);
+        }
+        let gn = gm * MatRef::from_column_major_slice(&next, t, 1);
+        let gn: Vec<f64> = (0..t).map(|i| gn[(i, 0)] - h[i]).collect();
+        if objective(&next, &gn) < f0 {
+            return Some((next, gn));
+        }
+        a *= 0.5;
+    }
+    None
 }
 
 /// Heads from this many kept keys take f32 steps in [`box_lstsq`] (below it G is small and
@@ -608,6 +715,44 @@ mod tests {
         let s = box_lstsq(&g, &h, t, (lo, hi), &vec![1.0; t], 20000)?;
         assert!(s.converged, "stopped after {} steps", s.iterations);
         let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for i in 0..t {
+            let gi: f64 = (0..t).map(|j| g[i * t + j] * s.w[j]).sum::<f64>() - h[i];
+            let pg = if s.w[i] <= lo {
+                gi.min(0.0)
+            } else if s.w[i] >= hi {
+                gi.max(0.0)
+            } else {
+                gi
+            };
+            assert!(pg.abs() <= 1e-9 * scale, "KKT fails at {i}: {pg}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn box_lstsq_lands_on_the_face_of_an_ill_conditioned_problem() -> Result<()> {
+        // Nearly dependent columns (as softmax rows are): projected gradient alone creeps for
+        // thousands of steps; once the bound weights settle, one face solve must finish it.
+        let mut rng = StdRng::seed_from_u64(5);
+        let (m, t) = (300, 120);
+        let base: Vec<f64> = (0..m).map(|_| rng.random::<f64>()).collect();
+        let a: Vec<f64> = (0..m * t)
+            .map(|x| base[x / t] + 0.05 * rng.random::<f64>())
+            .collect();
+        let truth: Vec<f64> = (0..t).map(|i| [0.5, 1.5, 3.0][i % 3]).collect();
+        let b: Vec<f64> = (0..m)
+            .map(|r| (0..t).map(|i| a[r * t + i] * truth[i]).sum())
+            .collect();
+        let (g, h) = gram(&a, m, t, &b);
+        let (lo, hi) = (1.0, 2.5);
+        let s = box_lstsq(&g, &h, t, (lo, hi), &vec![1.0; t], 300)?;
+        assert!(s.converged, "stopped after {} steps", s.iterations);
+        let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let free = s.w.iter().filter(|&&x| x > lo && x < hi).count();
+        assert!(
+            free > 0 && free < t,
+            "the box must bind some weights: {free} free"
+        );
         for i in 0..t {
             let gi: f64 = (0..t).map(|j| g[i * t + j] * s.w[j]).sum::<f64>() - h[i];
             let pg = if s.w[i] <= lo {
