@@ -700,6 +700,23 @@ mod tests {
         Ok(())
     }
 
+    /// The projected gradient of `1/2 w'Gw - h'w` in the box is within `1e-9 max|h|` of 0.
+    fn assert_kkt(g: &[f64], h: &[f64], w: &[f64], (lo, hi): (f64, f64)) {
+        let t = w.len();
+        let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for i in 0..t {
+            let gi: f64 = (0..t).map(|j| g[i * t + j] * w[j]).sum::<f64>() - h[i];
+            let pg = if w[i] <= lo {
+                gi.min(0.0)
+            } else if w[i] >= hi {
+                gi.max(0.0)
+            } else {
+                gi
+            };
+            assert!(pg.abs() <= 1e-9 * scale, "KKT fails at {i}: {pg}");
+        }
+    }
+
     #[test]
     fn box_lstsq_on_a_large_head_still_converges_to_the_kkt_point() -> Result<()> {
         // Large enough for the f32 steps: they must hand over to f64 and meet the f64 test.
@@ -714,18 +731,7 @@ mod tests {
         let (lo, hi) = (1.0, 2.0);
         let s = box_lstsq(&g, &h, t, (lo, hi), &vec![1.0; t], 20000)?;
         assert!(s.converged, "stopped after {} steps", s.iterations);
-        let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
-        for i in 0..t {
-            let gi: f64 = (0..t).map(|j| g[i * t + j] * s.w[j]).sum::<f64>() - h[i];
-            let pg = if s.w[i] <= lo {
-                gi.min(0.0)
-            } else if s.w[i] >= hi {
-                gi.max(0.0)
-            } else {
-                gi
-            };
-            assert!(pg.abs() <= 1e-9 * scale, "KKT fails at {i}: {pg}");
-        }
+        assert_kkt(&g, &h, &s.w, (lo, hi));
         Ok(())
     }
 
@@ -747,23 +753,12 @@ mod tests {
         let (lo, hi) = (1.0, 2.5);
         let s = box_lstsq(&g, &h, t, (lo, hi), &vec![1.0; t], 300)?;
         assert!(s.converged, "stopped after {} steps", s.iterations);
-        let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
         let free = s.w.iter().filter(|&&x| x > lo && x < hi).count();
         assert!(
             free > 0 && free < t,
             "the box must bind some weights: {free} free"
         );
-        for i in 0..t {
-            let gi: f64 = (0..t).map(|j| g[i * t + j] * s.w[j]).sum::<f64>() - h[i];
-            let pg = if s.w[i] <= lo {
-                gi.min(0.0)
-            } else if s.w[i] >= hi {
-                gi.max(0.0)
-            } else {
-                gi
-            };
-            assert!(pg.abs() <= 1e-9 * scale, "KKT fails at {i}: {pg}");
-        }
+        assert_kkt(&g, &h, &s.w, (lo, hi));
         Ok(())
     }
 
