@@ -11,6 +11,9 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+#: The value ridge with fitted biases (light) and of a values-only fit (firm).
+DEFAULT_RIDGE: float
+VALUES_RIDGE: float
 
 class KvfastError(Exception):
     """Base class of every error raised by the native module."""

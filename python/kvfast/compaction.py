@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvfast import _native
+
 METHODS = ("am", "am-omp", "kvzip", "h2o", "snapkv", "tova", "streaming", "uniform", "random")
 QUERY_SOURCES = ("repeat", "context", "self-study", "repeat+self-study")
 FITS = ("auto", "am", "values", "beta", "none")
@@ -22,12 +24,17 @@ FITS = ("auto", "am", "values", "beta", "none")
 #: the mass equations of ~1000 kept keys per head are too loosely determined (needles lost,
 #: and the solve is slow) (docs/compaction.md).
 AUTO_BIAS_RATIOS = (4.0, 16.0)
-#: `ridge="auto"`: the value ridge for each fit. With biases, a light pull (1): they restore the
-#: mass and the values must follow them (ridge 10 left the block's output error above every
-#: baseline's). Values alone, a firm pull (10): on 24 paired WikiText-2 windows at 32x ridge 1
-#: cost +0.64% perplexity against KVzip (3 standard errors), ridge 10 -0.03%
-#: (docs/results/am-vs-kvzip).
-AUTO_RIDGE = {"am": 1.0, "beta": 1.0, "values": 10.0, "none": 1.0}
+#: `ridge="auto"`: the value ridge for each fit (the native constants say why). With biases, a
+#: light pull (1): they restore the mass and the values must follow them. Values alone, a firm
+#: pull (10): on 24 paired WikiText-2 windows at 32x ridge 1 cost +0.64% perplexity against
+#: KVzip (3 standard errors), ridge 10 -0.03% (docs/results/am-vs-kvzip). "beta" and "none"
+#: fit no values.
+AUTO_RIDGE = {
+    "am": _native.DEFAULT_RIDGE,
+    "beta": _native.DEFAULT_RIDGE,
+    "values": _native.VALUES_RIDGE,
+    "none": _native.DEFAULT_RIDGE,
+}
 #: The instruction of the "repeat" reference queries (the paper's context-reconstruction task).
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
 # Self-study (queries="self-study"): the model answers these about the context on a scratch

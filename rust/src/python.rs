@@ -12,6 +12,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::compact::fit::{
     fit_head as fit_one_head, FitParams, HeadData, Keep, DEFAULT_BETA_BOUNDS, DEFAULT_RIDGE,
+    VALUES_RIDGE,
 };
 use crate::compact::pipeline::{Fit, HeadBudgets, HeadOutcome, Method, Options, QuerySource};
 use crate::compact::select::Pool;
@@ -742,6 +743,9 @@ fn make_exception<'py>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The value ridges `Session.compact`'s `ridge="auto"` picks between.
+    m.add("DEFAULT_RIDGE", DEFAULT_RIDGE)?;
+    m.add("VALUES_RIDGE", VALUES_RIDGE)?;
     // ModelLoadError is both a KvfastError and a ValueError, which `create_exception!` cannot
     // express, so both classes are made with `type(...)`.
     let base = make_exception(

@@ -29,12 +29,12 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_TEXT = DATA / "moby_dick_ch1.txt"
 #: Session.compact's keyword options, which a method spec may set.
 _COMPACT_OPTIONS = set(inspect.signature(Session.compact).parameters) - {"self", "ratio", "budget"}
-#: Options whose values are words (`fit=none` is the string "none", not None). `ridge` defaults
-#: to the word "auto" but takes numbers and None.
+#: Options whose values are words only (`fit=none` is the string "none", not None); an option
+#: whose default is a word but that also takes numbers (`ridge="auto"`) parses as a value.
 _WORD_OPTIONS = {
     name
     for name, p in inspect.signature(Session.compact).parameters.items()
-    if isinstance(p.default, str) and name != "ridge"
+    if isinstance(p.default, str) and "float" not in str(p.annotation)
 }
 
 

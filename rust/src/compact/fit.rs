@@ -82,6 +82,11 @@ pub const DEFAULT_BETA_BOUNDS: (f64, f64) = (0.0, 3.0);
 /// biases fitted, ridge 10 left the block's output error above every baseline's).
 pub const DEFAULT_RIDGE: f64 = 1.0;
 
+/// The value ridge of a values-only fit: a firm pull to the kept values (it ties KVzip on
+/// running text, where ridge 1 cost +0.64% at 32x: docs/results/am-vs-kvzip). `Session.compact`'s
+/// `ridge="auto"` and the tail check's alternative fit use it.
+pub const VALUES_RIDGE: f64 = 10.0;
+
 impl Default for FitParams {
     fn default() -> Self {
         Self {

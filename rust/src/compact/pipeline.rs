@@ -23,7 +23,7 @@ use crate::compact::exp::exp_shifted;
 pub use crate::compact::fit::Fit;
 use crate::compact::fit::{
     logits_t_into, numerators, rescale_to_block_max, Block, Fidelity, FitParams, HeadFit,
-    DEFAULT_RIDGE,
+    DEFAULT_RIDGE, VALUES_RIDGE,
 };
 use crate::compact::score_pass::MiddleTargets;
 use crate::compact::select::{
@@ -168,13 +168,9 @@ pub struct Options {
     pub head_floor: f64,
     /// The context's last tokens (at most `recent`) whose own queries check each head's fit:
     /// where the fit with biases gives them a larger attention error than the values-only fit
-    /// with ridge [`TAIL_RIDGE`], the head takes the latter (0: no check).
+    /// with ridge [`VALUES_RIDGE`], the head takes the latter (0: no check).
     pub tail_check: usize,
 }
-
-/// Ridge of the values-only fit the tail check weighs against (the setting that ties KVzip
-/// on running text: docs/results/am-vs-kvzip).
-pub const TAIL_RIDGE: f64 = 10.0;
 
 impl Options {
     pub fn new(method: Method, budget: usize) -> Self {
@@ -807,7 +803,7 @@ pub fn apply_layer(
                         // The two fits are independent: a thread another head leaves idle
                         // (global budgets make heads uneven) takes the second.
                         let alt_params = FitParams {
-                            ridge: Some(TAIL_RIDGE),
+                            ridge: Some(VALUES_RIDGE),
                             ..opts.fit_params
                         };
                         let (f, alt) = rayon::join(

@@ -214,16 +214,7 @@ pub fn box_lstsq(
     let projected = |w: &[f64], gw: &[f64]| -> f64 {
         w.iter()
             .zip(gw)
-            .map(|(&x, &g)| {
-                if x <= lo {
-                    g.min(0.0)
-                } else if x >= hi {
-                    g.max(0.0)
-                } else {
-                    g
-                }
-                .abs()
-            })
+            .map(|(&x, &g)| projected_gradient(x, g, (lo, hi)).abs())
             .fold(0f64, f64::max)
     };
     let mut w: Vec<f64> = w0.iter().map(|&x| clamp(x)).collect();
@@ -310,6 +301,18 @@ const FACE_SETTLED: usize = 50;
 /// (without the limit every head of the Qwen3-0.6B shape at 4k converged, but its box solves
 /// took 59 s of thread time instead of 15).
 const FACE_MAX_FREE: usize = 512;
+
+/// The part of the gradient `g` of weight `x` that can move it within `[lo, hi]` (0 at a bound
+/// the gradient pushes against): all zero is the KKT condition of [`box_lstsq`].
+fn projected_gradient(x: f64, g: f64, (lo, hi): (f64, f64)) -> f64 {
+    if x <= lo {
+        g.min(0.0)
+    } else if x >= hi {
+        g.max(0.0)
+    } else {
+        g
+    }
+}
 
 /// The weights [`box_lstsq`] holds at a bound: there, with the gradient `gw = G w - h`
 /// pushing them out of the box.
@@ -544,10 +547,11 @@ pub fn ridge_lstsq(
     NormalEq::new(p, y, ridge >= F32_GRAM_FROM_RIDGE).solve(ridge, anchor)
 }
 
-/// From this relative ridge on, [`ridge_lstsq`] forms its normal equations in f32: the ridge bounds the
-/// condition number of `PᵀP + lambda I` to about `1 + 1/ridge` times the Gram's spread over its
-/// mean diagonal, so f32's ~1e-7 relative rounding of `PᵀP` moves the solution by far less than
-/// the fit's own error. Smaller ridges (the held-out search's grid) stay in f64.
+/// From this relative ridge on, [`ridge_lstsq`] forms its normal equations in f32: the ridge
+/// bounds the condition number of `PᵀP + lambda I` to about `1 + 1/ridge` times the Gram's
+/// spread over its mean diagonal, so f32's ~1e-7 relative rounding of `PᵀP` moves the solution
+/// by far less than the fit's own error. Smaller ridges (the held-out search's grid) stay in
+/// f64.
 const F32_GRAM_FROM_RIDGE: f64 = 0.1;
 
 /// Candidate ridges of [`ridge_lstsq_cv`] (relative, as in [`ridge_lstsq`]); the anchor
@@ -721,18 +725,12 @@ mod tests {
     }
 
     /// The projected gradient of `1/2 w'Gw - h'w` in the box is within `1e-9 max|h|` of 0.
-    fn assert_kkt(g: &[f64], h: &[f64], w: &[f64], (lo, hi): (f64, f64)) {
+    fn assert_kkt(g: &[f64], h: &[f64], w: &[f64], bounds: (f64, f64)) {
         let t = w.len();
         let scale = h.iter().fold(0f64, |m, x| m.max(x.abs()));
         for i in 0..t {
             let gi: f64 = (0..t).map(|j| g[i * t + j] * w[j]).sum::<f64>() - h[i];
-            let pg = if w[i] <= lo {
-                gi.min(0.0)
-            } else if w[i] >= hi {
-                gi.max(0.0)
-            } else {
-                gi
-            };
+            let pg = projected_gradient(w[i], gi, bounds);
             assert!(pg.abs() <= 1e-9 * scale, "KKT fails at {i}: {pg}");
         }
     }
